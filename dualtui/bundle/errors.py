@@ -1,0 +1,69 @@
+"""Named, one-line errors for everything that can be wrong with a bundle file."""
+
+from __future__ import annotations
+
+
+class BundleError(Exception):
+    """A bundle (or a file given as one) is unreadable or breaks format v1.
+
+    `str(error)` is one line: the file and what is wrong with it.
+    """
+
+    kind = "invalid bundle"
+
+    def __init__(self, path: object, detail: str):
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{self.path}: {self.kind}: {detail}")
+
+
+class NotSafetensors(BundleError):
+    kind = "not a safetensors file"
+
+
+class TruncatedFile(BundleError):
+    kind = "truncated file"
+
+
+class HeaderTooLarge(BundleError):
+    kind = "header too large"
+
+
+class MissingManifest(BundleError):
+    kind = "missing manifest"
+
+
+class BadManifest(BundleError):
+    kind = "unparseable manifest"
+
+
+class UnsupportedVersion(BundleError):
+    kind = "unknown format version"
+
+
+class MissingTensor(BundleError):
+    kind = "missing tensor"
+
+
+class ShapeMismatch(BundleError):
+    kind = "shape disagrees with manifest"
+
+
+class DtypeMismatch(BundleError):
+    kind = "dtype disagrees with manifest"
+
+
+class IdOutOfRange(BundleError):
+    kind = "id out of range"
+
+
+class NonFinite(BundleError):
+    kind = "non-finite values"
+
+
+class BadOrder(BundleError):
+    kind = "steps out of order"
+
+
+class UnreadableFile(BundleError):
+    kind = "unreadable file"

@@ -1,0 +1,295 @@
+"""Open a bundle (one file or a sharded set) lazily and check it against format v1.
+
+Opening reads headers only; tensors are memory-mapped views, and per-pattern tensors are
+served chunk by chunk, so opening a 10 GB bundle touches kilobytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import errors
+from .manifest import METADATA_KEY, LayerSpec, Manifest, parse_manifest
+from .safetensors_io import FLOAT_DTYPES, MappedFile, TensorInfo, read_header, to_float32
+
+PATTERN_FIELDS = ("keys", "values", "step", "example", "position")
+STORAGE_FLOATS = ("F32", "F16", "BF16")
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass
+class PatternChunk:
+    """Patterns [start, start + len) of one layer, as float32 / int64 numpy arrays."""
+
+    start: int
+    keys: np.ndarray  # [n, in] float32, or [n] int64 token ids for embeddings
+    values: np.ndarray  # [n, out] float32
+    step: np.ndarray  # [n] int64
+    example: np.ndarray  # [n] int64
+    position: np.ndarray | None  # [n] int64
+
+    def __len__(self) -> int:
+        return int(self.step.shape[0])
+
+
+class Bundle:
+    """A format-v1 bundle. Use `Bundle.open(path)`; structure is checked on open."""
+
+    def __init__(self, path: Path, manifest: Manifest, files: dict[str, MappedFile], sharded: bool):
+        self.path = path
+        self.manifest = manifest
+        self._files = files  # tensor name -> the file holding it
+        self.sharded = sharded
+        self.validate_structure()
+
+    # -------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Bundle":
+        path = Path(path)
+        if not path.exists() and not str(path).endswith(".json"):
+            index = Path(str(path) + ".index.json")
+            if index.exists():
+                path = index
+        if str(path).endswith(".json"):
+            return cls._open_index(path)
+        header = read_header(path)
+        manifest = parse_manifest(header.metadata.get(METADATA_KEY), path)
+        mapped = MappedFile(header)
+        return cls(path, manifest, {name: mapped for name in header.tensors}, sharded=False)
+
+    @classmethod
+    def _open_index(cls, path: Path) -> "Bundle":
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise errors.UnreadableFile(path, "no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise errors.UnreadableFile(path, str(e)) from None
+        except json.JSONDecodeError as e:
+            raise errors.NotSafetensors(path, f"index is not valid JSON ({e.msg})") from None
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise errors.NotSafetensors(path, "a sharded index needs a 'weight_map' object")
+        meta = index.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise errors.NotSafetensors(path, "index 'metadata' must be an object")
+        manifest = parse_manifest(meta.get(METADATA_KEY), path)
+        shards: dict[str, MappedFile] = {}
+        files: dict[str, MappedFile] = {}
+        for name, shard in index["weight_map"].items():
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+                raise errors.NotSafetensors(path, f"weight_map entry for {name!r} is not a shard file name beside the index")
+            if shard not in shards:
+                shards[shard] = MappedFile(read_header(path.parent / shard))
+            if name not in shards[shard].header.tensors:
+                raise errors.MissingTensor(path, f"{name!r} is mapped to {shard} but that shard does not hold it")
+            files[name] = shards[shard]
+        return cls(path, manifest, files, sharded=True)
+
+    # -------------------------------------------------------------- raw access
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._files:
+            raise errors.MissingTensor(self.path, f"{name!r}")
+        return self._files[name].header.tensors[name]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored tensor as a lazy memory-mapped view (bfloat16 as uint16 bits)."""
+        self.info(name)
+        return self._files[name].array(name)
+
+    def array(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a tensor, read now; floats come back as float32."""
+        info = self.info(name)
+        raw = self._files[name].array(name)
+        if start is not None or stop is not None:
+            raw = raw[start:stop]
+        if info.dtype in FLOAT_DTYPES:
+            return to_float32(raw, info.dtype)
+        return np.asarray(raw)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._files)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({f.header.path for f in self._files.values()})
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files) + (self.path.stat().st_size if self.sharded else 0)
+
+    # -------------------------------------------------------------- layers
+    def layer_spec(self, layer: str) -> LayerSpec:
+        try:
+            return self.manifest.layer(layer)
+        except KeyError:
+            raise KeyError(layer) from None
+
+    def pattern_names(self, layer: str, field: str) -> list[str]:
+        """Tensor names holding one per-pattern field, in order (one, or one per chunk)."""
+        spec = self.layer_spec(layer)
+        base = f"layer/{layer}/{field}"
+        if spec.chunks == 1 and base in self._files:
+            return [base]
+        return [f"{base}/{i}" for i in range(spec.chunks)]
+
+    def has_position(self, layer: str) -> bool:
+        return all(self.has(n) for n in self.pattern_names(layer, "position"))
+
+    def chunk_bounds(self, layer: str) -> list[tuple[int, int]]:
+        bounds, start = [], 0
+        for name in self.pattern_names(layer, "step"):
+            n = self.info(name).shape[0]
+            bounds.append((start, start + n))
+            start += n
+        return bounds
+
+    def chunks(self, layer: str, rows: int | None = None) -> Iterator[PatternChunk]:
+        """Stream a layer's patterns chunk by chunk (sub-split into at most `rows` rows)."""
+        names = {f: self.pattern_names(layer, f) for f in PATTERN_FIELDS}
+        with_position = self.has_position(layer)
+        for i, (start, stop) in enumerate(self.chunk_bounds(layer)):
+            n = stop - start
+            step = rows or max(n, 1)
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                yield PatternChunk(
+                    start=start + lo,
+                    keys=self.array(names["keys"][i], lo, hi),
+                    values=self.array(names["values"][i], lo, hi),
+                    step=self.array(names["step"][i], lo, hi),
+                    example=self.array(names["example"][i], lo, hi),
+                    position=self.array(names["position"][i], lo, hi) if with_position else None,
+                )
+
+    def storage_dtype(self, layer: str) -> str:
+        return self.info(self.pattern_names(layer, "values")[0]).dtype
+
+    @property
+    def train_size(self) -> int:
+        return int(self.info("train/label").shape[0])
+
+    @property
+    def test_size(self) -> int:
+        return int(self.info("test/label").shape[0])
+
+    # -------------------------------------------------------------- checks
+    def _expect(self, name: str, shape: tuple[int | None, ...], dtypes: tuple[str, ...]) -> TensorInfo:
+        """Check a tensor exists with `shape` (None = any size there) and one of `dtypes`."""
+        info = self.info(name)
+        if len(info.shape) != len(shape) or any(s is not None and s != d for s, d in zip(shape, info.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise errors.ShapeMismatch(self.path, f"{name!r} has shape {list(info.shape)}, expected {want}")
+        if info.dtype not in dtypes:
+            raise errors.DtypeMismatch(self.path, f"{name!r} is {info.dtype}, expected {' or '.join(dtypes)}")
+        return info
+
+    def validate_structure(self) -> None:
+        """Check every promised tensor exists with the manifest's shapes and dtypes (headers only)."""
+        m = self.manifest
+        n_train = self._expect("train/label", (None,), ("I64",)).shape[0]
+        self._expect("train/task", (n_train,), ("I64",))
+        n_test = self._expect("test/label", (None,), ("I64",)).shape[0]
+        self._expect("test/task", (n_test,), ("I64",))
+        self._expect("test/prediction", (n_test,), ("I64",))
+        if self.has("train/input") and self.info("train/input").shape[:1] != (n_train,):
+            raise errors.ShapeMismatch(self.path, f"'train/input' has {self.info('train/input').shape[:1]} rows, expected {n_train}")
+        if self.has("test/input") and self.info("test/input").shape[:1] != (n_test,):
+            raise errors.ShapeMismatch(self.path, f"'test/input' has {self.info('test/input').shape[:1]} rows, expected {n_test}")
+        text = m.input.get("kind") == "text"
+        for spec in m.layers:
+            L, i, o = spec.name, spec.in_features, spec.out_features
+            emb = spec.kind == "embedding"
+            wshape = (i, o) if emb else (o, i)
+            self._expect(f"layer/{L}/weight", wshape, ("F32",))
+            self._expect(f"layer/{L}/w0", wshape, ("F32",))
+            if spec.bias:
+                self._expect(f"layer/{L}/bias", (o,), ("F32",))
+                self._expect(f"layer/{L}/b0", (o,), ("F32",))
+            if emb:
+                self._expect(f"layer/{L}/queries", (n_test,), ("I64",))
+            else:
+                self._expect(f"layer/{L}/queries", (n_test, i), tuple(FLOAT_DTYPES))
+            self._expect(f"layer/{L}/query_grad", (n_test, o), ("F32",))
+            fields = ["keys", "values", "step", "example"] + (["position"] if text or self.has_position(L) else [])
+            total = 0
+            for c in range(spec.chunks):
+                sizes = set()
+                for f in fields:
+                    names = self.pattern_names(L, f)
+                    name = names[c]
+                    if f == "keys":
+                        info = self._expect(name, (None,), ("I64",)) if emb else self._expect(name, (None, i), STORAGE_FLOATS)
+                    elif f == "values":
+                        info = self._expect(name, (None, o), STORAGE_FLOATS)
+                    else:
+                        info = self._expect(name, (None,), ("I64",))
+                    sizes.add(info.shape[0])
+                if len(sizes) != 1:
+                    raise errors.ShapeMismatch(self.path, f"layer {L!r} chunk {c}: per-pattern tensors have different lengths {sorted(sizes)}")
+                total += sizes.pop()
+            if total != spec.patterns:
+                raise errors.ShapeMismatch(self.path, f"layer {L!r} holds {total} patterns, the manifest says {spec.patterns}")
+
+    def validate_contents(self, rows: int = 1 << 16) -> None:
+        """Stream through every tensor: ids in range, steps in order, floats finite."""
+        m = self.manifest
+        n_train, n_test = self.train_size, self.test_size
+        n_tasks, n_classes = len(m.tasks), len(m.classes)
+
+        def ids(name: str, upper: int, what: str) -> None:
+            a = self.array(name)
+            if a.size and (a.min() < 0 or a.max() >= upper):
+                bad = int(a.min()) if a.min() < 0 else int(a.max())
+                raise errors.IdOutOfRange(self.path, f"{name!r} holds {bad}, valid {what} are 0..{upper - 1}")
+
+        ids("train/label", n_classes, "classes")
+        ids("train/task", n_tasks, "tasks")
+        ids("test/label", n_classes, "classes")
+        ids("test/prediction", n_classes, "classes")
+        ids("test/task", n_tasks, "tasks")
+        for name in ("train/input", "test/input"):
+            if self.has(name) and self.info(name).dtype in FLOAT_DTYPES:
+                self._finite(name, self.array(name))
+        for spec in m.layers:
+            L = spec.name
+            for name in (f"layer/{L}/weight", f"layer/{L}/w0", f"layer/{L}/query_grad") + (
+                (f"layer/{L}/bias", f"layer/{L}/b0") if spec.bias else ()
+            ):
+                self._finite(name, self.array(name))
+            if spec.kind == "embedding":
+                ids(f"layer/{L}/queries", spec.in_features, "token ids")
+            else:
+                self._finite(f"layer/{L}/queries", self.array(f"layer/{L}/queries"))
+            last_step = -math.inf
+            for chunk in self.chunks(L, rows):
+                where = f"layer {L!r} patterns {chunk.start}..{chunk.start + len(chunk) - 1}"
+                if spec.kind == "embedding":
+                    if chunk.keys.size and (chunk.keys.min() < 0 or chunk.keys.max() >= spec.in_features):
+                        raise errors.IdOutOfRange(self.path, f"{where}: key token id outside 0..{spec.in_features - 1}")
+                else:
+                    self._finite(f"{where} keys", chunk.keys)
+                self._finite(f"{where} values", chunk.values)
+                if len(chunk):
+                    if chunk.example.min() < 0 or chunk.example.max() >= n_train:
+                        raise errors.IdOutOfRange(self.path, f"{where}: example id outside 0..{n_train - 1}")
+                    if chunk.step.min() < 0 or chunk.step[0] < last_step or np.any(np.diff(chunk.step) < 0):
+                        raise errors.BadOrder(self.path, f"{where}: 'step' must be non-negative and never decrease")
+                    last_step = chunk.step[-1]
+                    if chunk.position is not None and chunk.position.min() < 0:
+                        raise errors.IdOutOfRange(self.path, f"{where}: negative position")
+
+    def _finite(self, what: str, a: np.ndarray) -> None:
+        if a.size and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise errors.NonFinite(self.path, f"{what} has {bad} NaN/Inf entries")

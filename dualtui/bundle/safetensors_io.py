@@ -1,0 +1,221 @@
+"""Strict, lazy safetensors reading (memory-mapped) and streaming safetensors writing.
+
+We parse the header ourselves instead of calling `safetensors.safe_open` because format v1
+needs named errors for every way a file can be broken, bfloat16 without torch, and writing
+a file whose tensors are produced chunk by chunk (never all in memory at once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import errors
+
+# Same cap as the reference implementation: a header is JSON describing tensors, never data.
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype name -> numpy dtype used to map the bytes (bfloat16 is mapped as uint16
+# and widened on read, see `to_float32`).
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+INT_DTYPES = {"I64", "I32", "I16", "I8", "U8"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors name, e.g. "F32", "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and check a safetensors header; raise a named `BundleError` on any defect."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise errors.NotSafetensors(path, f"file is {size} bytes, shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                # A huge length not followed by '{' means the file is something else entirely.
+                if f.read(1) != b"{":
+                    raise errors.NotSafetensors(path, "the first 8 bytes are not a header length followed by JSON")
+                raise errors.HeaderTooLarge(path, f"header claims {header_len} bytes, the limit is {MAX_HEADER_BYTES}")
+            raw = f.read(header_len)
+    except errors.BundleError:
+        raise
+    except IsADirectoryError:
+        raise errors.UnreadableFile(path, "is a directory") from None
+    except FileNotFoundError:
+        raise errors.UnreadableFile(path, "no such file") from None
+    except PermissionError:
+        raise errors.UnreadableFile(path, "permission denied") from None
+    except OSError as e:
+        raise errors.UnreadableFile(path, e.strerror or str(e)) from None
+
+    if not raw.startswith(b"{"):
+        raise errors.NotSafetensors(path, "the header is not a JSON object")
+    if len(raw) < header_len:
+        raise errors.TruncatedFile(path, f"header needs {header_len} bytes, file has {len(raw)} after the length")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise errors.NotSafetensors(path, f"the header is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise errors.NotSafetensors(path, "the header is not a JSON object")
+
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise errors.NotSafetensors(path, "__metadata__ must map strings to strings")
+
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            lo, hi = (int(x) for x in entry["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise errors.NotSafetensors(path, f"tensor {name!r} lacks a valid dtype, shape or data_offsets") from None
+        if dtype not in DTYPES:
+            raise errors.NotSafetensors(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+        if any(d < 0 for d in shape) or lo < 0 or hi < lo:
+            raise errors.NotSafetensors(path, f"tensor {name!r} has a negative shape or offsets")
+        info = TensorInfo(name, dtype, shape, data_start + lo, data_start + hi)
+        if info.numel * DTYPES[dtype].itemsize != hi - lo:
+            raise errors.NotSafetensors(
+                path, f"tensor {name!r}: {dtype} x {list(shape)} needs {info.numel * DTYPES[dtype].itemsize} bytes, offsets span {hi - lo}"
+            )
+        tensors[name] = info
+
+    # Offsets must tile the data buffer exactly: contiguous, non-overlapping, no gaps.
+    expected = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != expected:
+            raise errors.NotSafetensors(path, f"tensor {info.name!r} does not start where the previous one ends (overlap or gap)")
+        expected = info.end
+    if size < expected:
+        raise errors.TruncatedFile(path, f"data needs {expected} bytes, file has {size}")
+    if size > expected:
+        raise errors.NotSafetensors(path, f"{size - expected} bytes after the last tensor")
+    return SafetensorsHeader(path, tensors, metadata, data_start)
+
+
+class MappedFile:
+    """A safetensors file whose tensors are numpy views of one read-only memory map."""
+
+    def __init__(self, header: SafetensorsHeader):
+        self.header = header
+        self._map: np.memmap | None = None
+
+    def _buffer(self) -> np.memmap:
+        if self._map is None:
+            size = self.header.path.stat().st_size
+            if size == 0:
+                self._map = np.zeros(0, dtype=np.uint8)  # type: ignore[assignment]
+            else:
+                self._map = np.memmap(self.header.path, dtype=np.uint8, mode="r")
+        return self._map
+
+    def array(self, name: str) -> np.ndarray:
+        """The raw tensor as a lazily-paged numpy view (bfloat16 comes back as uint16)."""
+        info = self.header.tensors[name]
+        buf = self._buffer()[info.start : info.end]
+        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Widen a float tensor read by `MappedFile.array` to float32 (bfloat16 from its bits)."""
+    if dtype == "BF16":
+        return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass
+class PendingTensor:
+    """A tensor to write: its bytes arrive from `produce`, chunk by chunk, in order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], Iterable[bytes | np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def build_header(tensors: list[PendingTensor], metadata: dict[str, str]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)  # pad so tensor data starts 8-byte aligned for mmap views
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_file(path: str | os.PathLike, tensors: list[PendingTensor], metadata: dict[str, str]) -> None:
+    """Stream tensors into `path` (not atomic by itself: callers write to a temp name)."""
+    with open(path, "wb") as f:
+        f.write(build_header(tensors, metadata))
+        for t in tensors:
+            written = 0
+            for piece in t.produce():
+                data = piece.tobytes() if isinstance(piece, np.ndarray) else bytes(piece)
+                f.write(data)
+                written += len(data)
+            if written != t.nbytes:
+                raise RuntimeError(f"internal error: tensor {t.name} produced {written} bytes, expected {t.nbytes}")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def iter_rows(array: np.ndarray, rows: int) -> Iterator[np.ndarray]:
+    """Yield contiguous row blocks of `array`, so huge tensors are copied in bounded pieces."""
+    for lo in range(0, max(1, array.shape[0] if array.ndim else 1), rows):
+        yield np.ascontiguousarray(array[lo : lo + rows] if array.ndim else array)

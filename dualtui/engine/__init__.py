@@ -1,0 +1,1 @@
+"""The engine: computations on bundles shared by the CLI and the TUI (never imports Textual)."""

@@ -1,0 +1,122 @@
+"""Prove primal == dual for every layer of a bundle, streaming its patterns once, in float64."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..bundle.reader import Bundle
+
+# Format v1's tolerance for float32 storage: max abs error <= 1e-4 * max(1, max|weight|).
+F32_RELATIVE_TOLERANCE = 1e-4
+# Unit roundoff (half the machine epsilon) and smallest subnormal of each storage dtype.
+_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
+_SUBNORMAL = {"F32": 2.0**-149, "F16": 2.0**-24, "BF16": 2.0**-133}
+
+
+@dataclass
+class LayerCheck:
+    name: str
+    kind: str
+    storage_dtype: str
+    patterns: int
+    weight_max_abs_error: float
+    bias_max_abs_error: float | None
+    output_max_abs_error: float | None  # primal vs dual on the test queries
+    tolerance: float
+    rounding_bound: float  # what rounding keys/values to the storage dtype can explain
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    layers: list[LayerCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(layer.ok for layer in self.layers)
+
+    def to_json(self) -> dict:
+        return {"bundle": self.path, "ok": self.ok, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
+    """Recompute weight (and the test outputs) from w0 + Σ v kᵀ and compare with the primal."""
+    spec = bundle.layer_spec(layer)
+    emb = spec.kind == "embedding"
+    weight = bundle.array(f"layer/{layer}/weight").astype(np.float64)
+    w0 = bundle.array(f"layer/{layer}/w0").astype(np.float64)
+    learned = np.zeros_like(weight)  # Σ_t v_t k_tᵀ, in the stored layout
+    magnitude = np.zeros_like(weight)  # Σ_t |v_t| |k_t|ᵀ: scale of the rounding error
+    bias_sum = np.zeros(spec.out_features)
+    abs_key_sum = np.zeros(weight.shape[0] if emb else spec.in_features)
+    queries = bundle.array(f"layer/{layer}/queries")
+    dual_out = None
+    if not emb and queries.shape[0]:
+        q = queries.astype(np.float64)
+        dual_out = np.zeros((q.shape[0], spec.out_features))
+    for chunk in bundle.chunks(layer, rows):
+        v = chunk.values.astype(np.float64)
+        if emb:
+            np.add.at(learned, chunk.keys, v)
+            np.add.at(magnitude, chunk.keys, np.abs(v))
+            np.add.at(abs_key_sum, chunk.keys, 1.0)
+        else:
+            k = chunk.keys.astype(np.float64)
+            learned += v.T @ k
+            magnitude += np.abs(v).T @ np.abs(k)
+            abs_key_sum += np.abs(k).sum(axis=0)
+            if spec.bias:
+                bias_sum += v.sum(axis=0)
+            if dual_out is not None:
+                alpha = k @ q.T  # [n, M]
+                if spec.bias:
+                    alpha += 1.0
+                dual_out += alpha.T @ v
+    reconstructed = w0 + learned
+    weight_err = float(np.abs(weight - reconstructed).max(initial=0.0))
+    bias_err = None
+    if spec.bias:
+        bias = bundle.array(f"layer/{layer}/bias").astype(np.float64)
+        b0 = bundle.array(f"layer/{layer}/b0").astype(np.float64)
+        bias_err = float(np.abs(bias - (b0 + bias_sum)).max(initial=0.0))
+    out_err = None
+    if emb and queries.shape[0]:
+        out_err = float(np.abs(weight[queries] - reconstructed[queries]).max(initial=0.0))
+    elif dual_out is not None:
+        primal = q @ weight.T
+        dual = q @ w0.T + dual_out
+        if spec.bias:
+            primal += bias
+            dual += b0
+        out_err = float(np.abs(primal - dual).max(initial=0.0))
+
+    storage = bundle.storage_dtype(layer) if spec.patterns else "F32"
+    scale = max(1.0, float(np.abs(weight).max(initial=0.0)))
+    tolerance = F32_RELATIVE_TOLERANCE * scale
+    # Rounding keys and values to the storage dtype moves each product by at most
+    # ~2u|v||k| (+ underflow of tiny values): the honest allowance for float16/bfloat16.
+    rounding = 0.0
+    if storage != "F32":
+        u = _ROUNDOFF[storage]
+        keys_scale = abs_key_sum[:, None] if emb else abs_key_sum[None, :]
+        rounding = float((2.05 * u * magnitude + _SUBNORMAL[storage] * keys_scale).max(initial=0.0))
+        tolerance += rounding
+    # Outputs are compared at the scale of the outputs themselves.
+    out_tol = tolerance
+    if out_err is not None and not emb and queries.shape[0]:
+        out_tol = tolerance * max(1.0, float(np.abs(queries).sum(axis=1).max(initial=0.0)) + (1.0 if spec.bias else 0.0))
+    ok = weight_err <= tolerance and (bias_err is None or bias_err <= tolerance) and (out_err is None or out_err <= out_tol)
+    return LayerCheck(layer, spec.kind, storage, spec.patterns, weight_err, bias_err, out_err, tolerance, rounding, ok)
+
+
+def verify_bundle(bundle: Bundle, check_contents: bool = True) -> VerifyReport:
+    """Validate contents (ids, order, finiteness; raises BundleError) then check every layer."""
+    if check_contents:
+        bundle.validate_contents()
+    report = VerifyReport(str(bundle.path))
+    for spec in bundle.manifest.layers:
+        report.layers.append(verify_layer(bundle, spec.name))
+    return report
