@@ -110,6 +110,9 @@ class Recorder:
     layers: module names to record (default: every Linear and Embedding).
     storage_dtype: "float32" (default), "float16" or "bfloat16" for stored keys and values.
     tasks / classes: names; task and class ids index into them.
+    clip_norm: the max norm you pass to clip_grad_norm_, for the manifest only (the factor
+        each step actually applied is measured from the gradients, so any clipping by global
+        norm, loss scaling or accumulation is exact without telling the recorder).
     input: the manifest's input description, e.g. {"kind": "image", "shape": [8, 8]}.
     train_inputs / train_labels / train_tasks: per training example (index = example id);
         labels and tasks may instead come from `batch(label=..., task=...)`.
@@ -133,6 +136,7 @@ class Recorder:
         max_shard_bytes: int = 4 << 30,
         training: dict | None = None,
         extra: dict | None = None,
+        clip_norm: float | None = None,
     ):
         if not isinstance(optimizer, torch.optim.SGD):
             raise RecorderError(
@@ -150,6 +154,7 @@ class Recorder:
         self.input = dict(input) if input is not None else {"kind": "vector"}
         self.extra = dict(extra or {})
         self.training = dict(training or {})
+        self.clip_norm = clip_norm  # informational: the actual clipping factor is measured per step
         self._pending_records: list[StepRecord] = []
         self.positions = self.input.get("kind") == "text"
         self.storage_dtype = storage_dtype
@@ -519,13 +524,14 @@ class Recorder:
         clipped = any(abs(s - 1.0) > 1e-6 for s in scales)
         return {
             "name": "sgd",
-            "lr": float(g["lr"]),
+            "lr": float(g.get("initial_lr", g["lr"])),  # a scheduler keeps the base rate here
+            "lr_final": float(g["lr"]),
             "momentum": float(g.get("momentum", 0)),
             "dampening": float(g.get("dampening", 0)),
             "nesterov": bool(g.get("nesterov", False)),
             "weight_decay": float(g.get("weight_decay", 0)),
             "maximize": bool(g.get("maximize", False)),
-            "clip_norm": None,
+            "clip_norm": self.clip_norm,
             "gradient_scaled": clipped,  # some steps' gradients were rescaled (clipping / accumulation)
             "param_groups": len(self.optimizer.param_groups),
         }

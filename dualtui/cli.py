@@ -1,0 +1,272 @@
+"""The `dualtui` command line. stdout carries data only; diagnostics go to stderr.
+
+Heavy modules (torch, the engine, the recorder) are imported inside commands so that
+`dualtui --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .exit_codes import ExitCode
+
+app = typer.Typer(
+    name="dualtui",
+    help="Spotlights of attention: which training patterns a trained network uses for a prediction.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+record_app = typer.Typer(help="Train a built-in experiment and record its exact dual form.", no_args_is_help=True)
+app.add_typer(record_app, name="record")
+
+
+class UsageError(Exception):
+    """Bad arguments that the type system could not catch (exit code 2)."""
+
+
+def _stderr() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def fail(code: ExitCode, message: str) -> None:
+    """Print one line to stderr and exit with `code`."""
+    print(f"dualtui: error: {message}", file=sys.stderr)
+    raise typer.Exit(int(code))
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Map every expected failure to one stderr line and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .bundle.errors import BundleError
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except BundleError as e:
+            fail(ExitCode.INVALID_BUNDLE, str(e))
+        except UsageError as e:
+            fail(ExitCode.USAGE, str(e))
+        except KeyboardInterrupt:
+            print("dualtui: interrupted", file=sys.stderr)
+            raise typer.Exit(int(ExitCode.INTERRUPTED))
+        except MemoryError:
+            fail(ExitCode.CHECK_FAILED, "out of memory")
+        except OSError as e:
+            fail(ExitCode.INVALID_BUNDLE, f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "))
+
+    return wrapper
+
+
+def _open(path: Path) -> Any:
+    from .bundle import Bundle
+
+    return Bundle.open(path)
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# ----------------------------------------------------------------------------- info
+def info_json(bundle: Any) -> dict:
+    m = bundle.manifest
+    layers = []
+    for spec in m.layers:
+        prefix = f"layer/{spec.name}/"
+        nbytes = sum(bundle.info(n).end - bundle.info(n).start for n in bundle.tensor_names if n.startswith(prefix))
+        per_pattern = sum(
+            bundle.info(n).end - bundle.info(n).start
+            for f in ("keys", "values", "step", "example", "position")
+            for n in (bundle.pattern_names(spec.name, f) if (f != "position" or bundle.has_position(spec.name)) else [])
+        )
+        layers.append({
+            **spec.to_json(),
+            "storage_dtype": _DTYPE_NAMES.get(bundle.storage_dtype(spec.name), bundle.storage_dtype(spec.name)),
+            "bytes": nbytes,
+            "bytes_per_pattern": (per_pattern / spec.patterns) if spec.patterns else None,
+        })
+    return {
+        "bundle": str(bundle.path),
+        "format": "dualtui.bundle",
+        "version": m.version,
+        "sharded": bundle.sharded,
+        "files": [str(p) for p in bundle.files],
+        "size_bytes": bundle.size_bytes,
+        "layers": layers,
+        "tasks": m.tasks,
+        "classes": m.classes,
+        "train_size": bundle.train_size,
+        "test_size": bundle.test_size,
+        "input": {k: v for k, v in m.input.items() if k != "vocab"} | ({"vocab_size": len(m.input["vocab"])} if "vocab" in m.input else {}),
+        "optimizer": m.optimizer,
+        "training": m.training,
+        **({"not_covered": m.extra["not_covered"]} if "not_covered" in m.extra else {}),
+    }
+
+
+@app.command()
+@handles_errors
+def info(
+    bundle: Path = typer.Argument(..., help="A .safetensors bundle or a sharded .safetensors.index.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Layers, patterns, tasks, classes, sizes, dtypes and optimizer of a bundle."""
+    b = _open(bundle)
+    d = info_json(b)
+    if as_json:
+        _emit_json(d)
+        return
+    from rich.table import Table
+
+    out = _stdout()
+    out.print(f"[bold]{d['bundle']}[/]  format v{d['version']}, {_human_bytes(d['size_bytes'])}"
+              + (f" in {len(d['files'])} shards" if d["sharded"] else ""))
+    t = Table("layer", "kind", "in → out", "bias", "patterns", "chunks", "storage", "size", "B/pattern", box=None, pad_edge=False)
+    for layer in d["layers"]:
+        t.add_row(layer["name"], layer["kind"], f"{layer['in_features']} → {layer['out_features']}",
+                  "yes" if layer["bias"] else "no", f"{layer['patterns']:,}", str(layer["chunks"]), layer["storage_dtype"],
+                  _human_bytes(layer["bytes"]), f"{layer['bytes_per_pattern']:.0f}" if layer["bytes_per_pattern"] else "-")
+    out.print(t)
+    out.print(f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}")
+    out.print(f"classes ({len(d['classes'])}): {', '.join(d['classes'][:20])}{' …' if len(d['classes']) > 20 else ''}")
+    out.print(f"train examples: {d['train_size']:,}   test items: {d['test_size']:,}   input: {d['input'].get('kind')}")
+    opt = d["optimizer"]
+    if opt:
+        out.print("optimizer: " + ", ".join(f"{k}={v}" for k, v in opt.items()))
+    tr = d["training"]
+    if tr:
+        out.print("training: " + ", ".join(f"{k}={v}" for k, v in tr.items()))
+    if "not_covered" in d:
+        out.print("not covered by the dual form: " + ", ".join(d["not_covered"]))
+
+
+# ----------------------------------------------------------------------------- verify
+@app.command()
+@handles_errors
+def verify(
+    bundle: Path = typer.Argument(..., help="A .safetensors bundle or a sharded .safetensors.index.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
+    """Prove primal == dual for every layer: weight vs w0 + valuesᵀ keys, bias, and test outputs.
+
+    Exit 0 when every layer is within tolerance, 1 when one is not, 3 when the bundle is invalid.
+    """
+    from .engine.verify import verify_bundle
+
+    b = _open(bundle)
+    report = verify_bundle(b)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        from rich.table import Table
+
+        out = _stdout()
+        t = Table("layer", "storage", "patterns", "weight err", "bias err", "output err", "tolerance", "", box=None, pad_edge=False)
+        fmt = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
+        for c in report.layers:
+            t.add_row(c.name, _DTYPE_NAMES.get(c.storage_dtype, c.storage_dtype), f"{c.patterns:,}", fmt(c.weight_max_abs_error),
+                      fmt(c.bias_max_abs_error), fmt(c.output_max_abs_error), fmt(c.tolerance),
+                      "[green]ok[/]" if c.ok else "[red]FAIL[/]")
+        out.print(t)
+        if any(c.rounding_bound for c in report.layers):
+            out.print("tolerance includes the rounding bound of float16/bfloat16 storage (2u·Σ|v||k|)")
+        out.print("[green]primal == dual for every layer[/]" if report.ok else "[red]primal != dual: see FAIL rows[/]")
+    if not report.ok:
+        raise typer.Exit(int(ExitCode.CHECK_FAILED))
+
+
+# ----------------------------------------------------------------------------- record
+class Setting(str, Enum):
+    single = "single"
+    multitask = "multitask"
+    continual = "continual"
+
+
+class StorageDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@record_app.command("digits")
+@handles_errors
+def record_digits_cmd(
+    setting: Setting = typer.Option(Setting.single, "--setting", help="single: one task; multitask: two tasks jointly; continual: one after the other."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (default: digits-SETTING.safetensors)."),
+    epochs: int = typer.Option(6, min=1, help="Passes over each task's training data."),
+    hidden: int = typer.Option(32, min=1, help="Width of the two hidden layers."),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(0.05, min=0.0),
+    momentum: float = typer.Option(0.9, min=0.0),
+    weight_decay: float = typer.Option(1e-4, min=0.0),
+    clip_norm: Optional[float] = typer.Option(None, min=0.0, help="Clip the global gradient norm to this value."),
+    dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype of keys and values."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+) -> None:
+    """An MLP (64→H→H→10, SGD with momentum) on scikit-learn's 1,797 real 8×8 digits."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .record.digits import record_digits
+
+    out_path = output or Path(f"digits-{setting.value}.safetensors")
+    if not str(out_path).endswith(".safetensors"):
+        raise UsageError(f"--output must end in .safetensors: {out_path}")
+    err = _stderr()
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("train", total=None)
+
+        def on_step(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        result = record_digits(out_path, setting.value, epochs=epochs, hidden=hidden, batch_size=batch_size, lr=lr,
+                               momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm,
+                               storage_dtype=dtype.value, seed=seed, on_step=on_step)
+    summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted, "test_accuracy": result.accuracy}
+    if as_json:
+        _emit_json(summary)
+    for name, acc in result.accuracy.items():
+        err.print(f"test accuracy {name:>12}: {acc:6.1%}")
+    if result.interrupted:
+        err.print(f"interrupted after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    err.print(f"wrote {result.path} ({result.steps} steps)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,169 @@
+"""Built-in experiment: an MLP trained with SGD + momentum on scikit-learn's real 8×8 digits.
+
+Settings: `single` (one task, all ten digits), `multitask` (tasks "digits 0-4" and "digits
+5-9" trained jointly, mixed batches) and `continual` (the same two tasks one after the other,
+which shows forgetting and lets the spotlight show which training phase a prediction uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .recorder import Recorder
+
+SETTINGS = ("single", "multitask", "continual")
+TWO_TASKS = ["digits 0-4", "digits 5-9"]
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class DigitsData:
+    x_train: torch.Tensor  # [N, 64] float32 in [0, 1]
+    y_train: torch.Tensor
+    task_train: torch.Tensor
+    img_train: np.ndarray  # [N, 8, 8] uint8 for previews
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    task_test: torch.Tensor
+    img_test: np.ndarray
+    tasks: list[str]
+
+
+def load_digits_split(setting: str, seed: int = 0, test_fraction: float = 0.2) -> DigitsData:
+    """The 1,797 digits, split once (stratified, fixed seed) into train and test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32) / 16.0
+    y = digits.target.astype(np.int64)
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
+    tasks = ["digits 0-9"] if setting == "single" else TWO_TASKS
+    task = np.zeros_like(y) if setting == "single" else (y >= 5).astype(np.int64)
+    img = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    t = torch.from_numpy
+    return DigitsData(
+        t(x[idx_train]), t(y[idx_train]), t(task[idx_train]), img[idx_train],
+        t(x[idx_test]), t(y[idx_test]), t(task[idx_test]), img[idx_test], tasks,
+    )
+
+
+def batch_schedule(setting: str, tasks: torch.Tensor, epochs: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """The example ids of every minibatch, in training order."""
+    phases = [torch.arange(len(tasks))] if setting != "continual" else [torch.nonzero(tasks == k).flatten() for k in (0, 1)]
+    batches = []
+    for pool in phases:
+        for _ in range(epochs):
+            order = pool[torch.randperm(len(pool), generator=gen)]
+            batches.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
+    return batches
+
+
+@dataclass
+class DigitsResult:
+    path: Path
+    steps: int
+    accuracy: dict[str, float]  # per task name, plus "all"
+    interrupted: bool = False
+
+
+def record_digits(
+    out: str | Path,
+    setting: str = "single",
+    *,
+    epochs: int = 6,
+    hidden: int = 32,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    clip_norm: float | None = None,
+    storage_dtype: str = "float32",
+    seed: int = 0,
+    record: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> DigitsResult:
+    """Train on digits (recording the dual form unless record=False) and write the bundle.
+
+    `epochs` counts passes over each task's data (so `continual` trains epochs per task).
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+    torch.manual_seed(seed)
+    data = load_digits_split(setting, seed)
+    model = DigitsMLP(hidden)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    batches = batch_schedule(setting, data.task_train, epochs, batch_size, gen)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(batches), eta_min=lr * 0.1)
+    rec = None
+    if record:
+        rec = Recorder(
+            model, opt, out,
+            tasks=data.tasks, classes=[str(i) for i in range(10)],
+            input={"kind": "image", "shape": [8, 8]},
+            storage_dtype=storage_dtype, clip_norm=clip_norm,
+            train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
+            training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
+                      "dataset": "sklearn digits 8x8", "schedule": "cosine", "clip_norm": clip_norm, "seed": seed},
+            extra={"experiment": {"name": "digits", "setting": setting, "hidden": hidden,
+                                  "command": f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"}},
+        )
+    interrupted = False
+    try:
+        model.train()
+        for s, ids in enumerate(batches):
+            ctx = rec.batch(example=ids, label=data.y_train[ids], task=data.task_train[ids]) if rec else _null()
+            with ctx:
+                loss = nn.functional.cross_entropy(model(data.x_train[ids]), data.y_train[ids])
+                loss.backward()
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            if on_step:
+                on_step(s + 1, len(batches))
+    except KeyboardInterrupt:
+        interrupted = True
+        if rec:
+            rec.interrupted = "KeyboardInterrupt"
+    try:
+        if rec:
+            preds = rec.record_test(data.x_test, data.y_test, data.task_test, preview=data.img_test)
+        else:
+            with torch.no_grad():
+                preds = model.eval()(data.x_test).argmax(-1).numpy()
+    finally:
+        path = rec.close() if rec else Path(out)
+    correct = preds == data.y_test.numpy()
+    acc = {name: float(correct[data.task_test.numpy() == k].mean()) for k, name in enumerate(data.tasks)}
+    acc["all"] = float(correct.mean())
+    steps = rec.step_count if rec else len(batches)
+    return DigitsResult(Path(path), steps, acc, interrupted)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
