@@ -1,0 +1,346 @@
+"""Spotlights of attention: scores of every training pattern for test queries, in one pass.
+
+For a test item m at layer L (DESIGN.md section 3):
+    attention  α_t = k_t · q_m (+1 with a bias; [k_t == q_m] for an embedding)
+    magnitude  |α_t| · ‖v_t‖
+    effect     α_t · (v_t · g_m),  g_m = query_grad[m]
+One streaming pass over the layer's chunks keeps running top-k at both ends, sums per
+training example, masses per task / class / step bin, and the per-layer summary. Nothing of
+size patterns × queries is ever materialised beyond one block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..bundle.reader import Bundle
+from .stream import block_rows, gather_rows, pick_device, stream_blocks
+from .topk import RunningTopK, top_of_dense
+
+SCORES = ("attention", "magnitude", "effect")
+GROUPS = ("pattern", "example")
+DEFAULT_STEP_BINS = 20
+# Queries scored together in one pass; bounds the [examples, queries] accumulators.
+QUERY_BATCH = 64
+
+
+@dataclass
+class Ranked:
+    rank: int
+    score: float
+    attention: float
+    magnitude: float
+    effect: float
+    example: int
+    task: int
+    label: int
+    pattern: int | None = None  # index t (pattern grouping)
+    step: int | None = None
+    position: int | None = None
+    patterns: int | None = None  # how many patterns were summed (example grouping)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class Masses:
+    """Σα, Σ|α| and Σeffect over the patterns of each task, class and step bin."""
+
+    task_attention_sum: np.ndarray
+    task_abs_sum: np.ndarray
+    task_effect_sum: np.ndarray
+    class_attention_sum: np.ndarray
+    class_abs_sum: np.ndarray
+    class_effect_sum: np.ndarray
+    step_edges: np.ndarray  # [bins + 1]: bin b holds steps [edges[b], edges[b+1])
+    step_attention_sum: np.ndarray
+    step_abs_sum: np.ndarray
+    step_effect_sum: np.ndarray
+
+    @property
+    def abs_total(self) -> float:
+        return float(self.task_abs_sum.sum())
+
+
+@dataclass
+class LayerSummary:
+    layer: str
+    patterns: int
+    initial_norm: float  # ‖w0 q + b0‖
+    learned_norm: float  # ‖Σ α_t v_t‖
+    initial_share: float  # initial_norm / (initial_norm + learned_norm)
+    learned_share: float
+    effective_patterns: float  # (Σ|α|)² / Σα²
+    top10_share: float  # share of Σ|α| held by the 10 largest |α|
+    top100_share: float
+    primal_dual_error: float  # max |(W q + b) − (w0 q + b0 + Σ α v)|
+    abs_sum: float  # Σ|α|
+
+
+@dataclass
+class Spotlight:
+    test: int
+    layer: str
+    summary: LayerSummary | None = None
+    masses: Masses | None = None
+    ranked: dict[tuple[str, str, bool], list[Ranked]] = field(default_factory=dict)  # (by, group, reverse)
+
+
+@dataclass
+class _Tables:
+    """Per-training-example lookups, on the compute device."""
+
+    task: torch.Tensor
+    label: torch.Tensor
+    n_tasks: int
+    n_classes: int
+
+
+def _tables(bundle: Bundle, device: torch.device) -> _Tables:
+    task = torch.from_numpy(bundle.array("train/task").astype(np.int64)).to(device)
+    label = torch.from_numpy(bundle.array("train/label").astype(np.int64)).to(device)
+    m = bundle.manifest
+    return _Tables(task, label, max(len(m.tasks), 1), max(len(m.classes), 1))
+
+
+def total_steps(bundle: Bundle, layer: str) -> int:
+    """Steps of training, for binning (the manifest's count, or the last recorded step + 1)."""
+    last = 0
+    bounds = bundle.chunk_bounds(layer)
+    names = bundle.pattern_names(layer, "step")
+    for c in range(len(bounds) - 1, -1, -1):
+        raw = bundle.raw(names[c])
+        if raw.shape[0]:
+            last = int(raw[-1]) + 1
+            break
+    declared = bundle.manifest.training.get("steps")
+    return max(last, int(declared) if isinstance(declared, int) else 0, 1)
+
+
+def check_tests(bundle: Bundle, tests: Iterable[int]) -> list[int]:
+    tests = [int(t) for t in tests]
+    n = bundle.test_size
+    for t in tests:
+        if not 0 <= t < n:
+            raise IndexError(f"test index {t} out of range: the bundle has {n} test items (0..{n - 1})")
+    return tests
+
+
+def spotlights(
+    bundle: Bundle,
+    layer: str,
+    tests: Sequence[int],
+    *,
+    top: int = 10,
+    by: Sequence[str] = SCORES,
+    groups: Sequence[str] = GROUPS,
+    reverse: Sequence[bool] = (False, True),
+    summary: bool = True,
+    masses: bool = True,
+    step_bins: int = DEFAULT_STEP_BINS,
+    device: str | torch.device = "auto",
+    rows: int | None = None,
+) -> list[Spotlight]:
+    """Score every pattern of `layer` for each test item in `tests`, in one pass per batch of
+    queries. Returns one Spotlight per test item, with the requested rankings."""
+    tests = check_tests(bundle, tests)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    for b in by:
+        if b not in SCORES:
+            raise ValueError(f"unknown score {b!r}; choose from {', '.join(SCORES)}")
+    for g in groups:
+        if g not in GROUPS:
+            raise ValueError(f"unknown grouping {g!r}; choose from {', '.join(GROUPS)}")
+    out: list[Spotlight] = []
+    for lo in range(0, len(tests), QUERY_BATCH):
+        out.extend(_spotlight_batch(bundle, layer, tests[lo : lo + QUERY_BATCH], top, tuple(by), tuple(groups),
+                                    tuple(reverse), summary, masses, step_bins, dev, rows))
+    return out
+
+
+def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by: tuple[str, ...],
+                     groups: tuple[str, ...], reverse: tuple[bool, ...], want_summary: bool, want_masses: bool,
+                     step_bins: int, dev: torch.device, rows: int | None) -> list[Spotlight]:
+    spec = bundle.layer_spec(layer)
+    emb = spec.kind == "embedding"
+    M = len(tests)
+    idx = np.asarray(tests)
+    q_np = bundle.array(f"layer/{layer}/queries")[idx]
+    g_np = bundle.array(f"layer/{layer}/query_grad")[idx].astype(np.float32)
+    q = torch.from_numpy(np.ascontiguousarray(q_np)).to(dev)
+    q = q.long() if emb else q.float()
+    g = torch.from_numpy(np.ascontiguousarray(g_np)).to(dev)
+    by_example = "example" in groups
+    need_values = want_summary or want_masses or by_example or any(b != "attention" for b in by)
+    need_example = want_masses or by_example
+    fields = ["keys"] + (["values"] if need_values else []) + (["example"] if need_example else []) + (["step"] if want_masses else [])
+    tables = _tables(bundle, dev) if need_example else None
+    n_train = bundle.train_size
+    steps_total = total_steps(bundle, layer) if want_masses else 1
+    f64 = torch.float64
+
+    pattern_topk = {(b, r): RunningTopK(top) for b in by for r in reverse} if "pattern" in groups else {}
+    abs_top = RunningTopK(100) if want_summary else None
+    ex_sums = {s: torch.zeros(n_train, M, dtype=f64, device=dev) for s in SCORES} if by_example else {}
+    ex_count = torch.zeros(n_train, dtype=f64, device=dev) if by_example else None
+    if want_masses:
+        nt, nc = tables.n_tasks, tables.n_classes
+        mass = {(kind, s): torch.zeros(n, M, dtype=f64, device=dev)
+                for kind, n in (("task", nt), ("class", nc), ("step", step_bins)) for s in ("attention", "abs", "effect")}
+    abs_sum = torch.zeros(M, dtype=f64, device=dev)
+    sq_sum = torch.zeros(M, dtype=f64, device=dev)
+    learned = torch.zeros(M, spec.out_features, dtype=f64, device=dev)
+
+    for block in stream_blocks(bundle, layer, fields, dev, rows or block_rows(bundle, layer, M)):
+        k = block.tensors["keys"]
+        if emb:
+            alpha = (k[:, None] == q[None, :]).float()  # [n, M]
+        else:
+            alpha = k @ q.T
+            if spec.bias:
+                alpha += 1.0
+        scores: dict[str, torch.Tensor] = {"attention": alpha}
+        if need_values:
+            v = block.tensors["values"]
+            scores["magnitude"] = alpha.abs() * torch.linalg.vector_norm(v, dim=1)[:, None]
+            scores["effect"] = alpha * (v @ g.T)
+            learned += alpha.T.double() @ v.double()
+        for (b, r), acc in pattern_topk.items():
+            acc.update(-scores[b] if r else scores[b], block.start)
+        a64 = alpha.double()
+        abs64 = a64.abs()
+        if want_summary:
+            abs_sum += abs64.sum(0)
+            sq_sum += (a64 * a64).sum(0)
+            abs_top.update(alpha.abs(), block.start)
+        if need_example:
+            ex = block.tensors["example"]
+        if by_example:
+            for s in SCORES:
+                ex_sums[s].index_add_(0, ex, scores[s].double())
+            ex_count.index_add_(0, ex, torch.ones(ex.shape[0], dtype=f64, device=dev))
+        if want_masses:
+            eff64 = scores["effect"].double()
+            bins = (block.tensors["step"] * step_bins // steps_total).clamp_(0, step_bins - 1)
+            for kind, ids in (("task", tables.task[ex]), ("class", tables.label[ex]), ("step", bins)):
+                mass[(kind, "attention")].index_add_(0, ids, a64)
+                mass[(kind, "abs")].index_add_(0, ids, abs64)
+                mass[(kind, "effect")].index_add_(0, ids, eff64)
+
+    results = [Spotlight(test=t, layer=layer) for t in tests]
+    if want_summary:
+        _fill_summaries(bundle, layer, results, q_np, learned.cpu().numpy(), abs_sum.cpu().numpy(), sq_sum.cpu().numpy(), abs_top)
+    if want_masses:
+        edges = np.array([(b * steps_total + step_bins - 1) // step_bins for b in range(step_bins + 1)], dtype=np.int64)
+        host = {key: t.cpu().numpy() for key, t in mass.items()}
+        for j, res in enumerate(results):
+            res.masses = Masses(
+                host[("task", "attention")][:, j], host[("task", "abs")][:, j], host[("task", "effect")][:, j],
+                host[("class", "attention")][:, j], host[("class", "abs")][:, j], host[("class", "effect")][:, j],
+                edges, host[("step", "attention")][:, j], host[("step", "abs")][:, j], host[("step", "effect")][:, j],
+            )
+    if pattern_topk:
+        _fill_pattern_ranks(bundle, layer, results, pattern_topk, q_np, g_np)
+    if by_example:
+        _fill_example_ranks(bundle, results, {s: t.cpu().numpy() for s, t in ex_sums.items()}, ex_count.cpu().numpy(),
+                            by, reverse, top)
+    return results
+
+
+def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], q_np: np.ndarray, learned: np.ndarray,
+                    abs_sum: np.ndarray, sq_sum: np.ndarray, abs_top: RunningTopK) -> None:
+    spec = bundle.layer_spec(layer)
+    w = bundle.array(f"layer/{layer}/weight").astype(np.float64)
+    w0 = bundle.array(f"layer/{layer}/w0").astype(np.float64)
+    if spec.kind == "embedding":
+        primal = w[q_np]
+        initial = w0[q_np]
+    else:
+        qd = q_np.astype(np.float64)
+        primal = qd @ w.T
+        initial = qd @ w0.T
+        if spec.bias:
+            primal += bundle.array(f"layer/{layer}/bias").astype(np.float64)
+            initial += bundle.array(f"layer/{layer}/b0").astype(np.float64)
+    for j, res in enumerate(results):
+        init_norm = float(np.linalg.norm(initial[j]))
+        learn_norm = float(np.linalg.norm(learned[j]))
+        total = init_norm + learn_norm
+        top_abs, _ = abs_top.result(j)
+        a = float(abs_sum[j])
+        res.summary = LayerSummary(
+            layer=layer,
+            patterns=spec.patterns,
+            initial_norm=init_norm,
+            learned_norm=learn_norm,
+            initial_share=init_norm / total if total else 0.0,
+            learned_share=learn_norm / total if total else 0.0,
+            effective_patterns=(a * a / float(sq_sum[j])) if sq_sum[j] > 0 else 0.0,
+            top10_share=float(top_abs[:10].sum() / a) if a > 0 else 0.0,
+            top100_share=float(top_abs[:100].sum() / a) if a > 0 else 0.0,
+            primal_dual_error=float(np.abs(primal[j] - (initial[j] + learned[j])).max(initial=0.0)),
+            abs_sum=a,
+        )
+
+
+def pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, q: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact (float64) scores of a few patterns for one query, read by random access."""
+    spec = bundle.layer_spec(layer)
+    keys = gather_rows(bundle, layer, "keys", patterns)
+    values = gather_rows(bundle, layer, "values", patterns).astype(np.float64)
+    if spec.kind == "embedding":
+        alpha = (keys == q).astype(np.float64)
+    else:
+        alpha = keys.astype(np.float64) @ q.astype(np.float64) + (1.0 if spec.bias else 0.0)
+    return {
+        "attention": alpha,
+        "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1),
+        "effect": alpha * (values @ g.astype(np.float64)),
+    }
+
+
+def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], accs: dict, q_np: np.ndarray, g_np: np.ndarray) -> None:
+    train_task = bundle.array("train/task")
+    train_label = bundle.array("train/label")
+    with_position = bundle.has_position(layer)
+    for j, res in enumerate(results):
+        for (b, r), acc in accs.items():
+            _, idx = acc.result(j)
+            if not len(idx):
+                res.ranked[(b, "pattern", r)] = []
+                continue
+            sc = pattern_scores(bundle, layer, idx, q_np[j], g_np[j])
+            step = gather_rows(bundle, layer, "step", idx)
+            example = gather_rows(bundle, layer, "example", idx)
+            position = gather_rows(bundle, layer, "position", idx) if with_position else None
+            # Re-sort on the exact float64 scores (the pass ranked in float32).
+            order = np.lexsort((idx, sc[b] if r else -sc[b]))
+            res.ranked[(b, "pattern", r)] = [
+                Ranked(rank=n + 1, score=float(sc[b][i]), attention=float(sc["attention"][i]), magnitude=float(sc["magnitude"][i]),
+                       effect=float(sc["effect"][i]), example=int(example[i]), task=int(train_task[example[i]]),
+                       label=int(train_label[example[i]]), pattern=int(idx[i]), step=int(step[i]),
+                       position=None if position is None else int(position[i]))
+                for n, i in enumerate(order)
+            ]
+
+
+def _fill_example_ranks(bundle: Bundle, results: list[Spotlight], sums: dict[str, np.ndarray], count: np.ndarray,
+                        by: tuple[str, ...], reverse: tuple[bool, ...], top: int) -> None:
+    train_task = bundle.array("train/task")
+    train_label = bundle.array("train/label")
+    seen = np.nonzero(count > 0)[0]  # examples never trained on have no patterns to rank
+    for j, res in enumerate(results):
+        for b in by:
+            for r in reverse:
+                chosen = seen[top_of_dense(sums[b][seen, j], top, reverse=r)]
+                res.ranked[(b, "example", r)] = [
+                    Ranked(rank=n + 1, score=float(sums[b][e, j]), attention=float(sums["attention"][e, j]),
+                           magnitude=float(sums["magnitude"][e, j]), effect=float(sums["effect"][e, j]), example=int(e),
+                           task=int(train_task[e]), label=int(train_label[e]), patterns=int(count[e]))
+                    for n, e in enumerate(chosen)
+                ]

@@ -1,0 +1,136 @@
+"""Stream a layer's patterns from a bundle to a compute device, block by block.
+
+On CPU the blocks are zero-copy views of the memory-mapped file (page cache straight into
+the matmul). On CUDA the next block is copied from pinned host memory on a side stream
+while the current one is being computed on, so transfers overlap with compute.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..bundle.reader import Bundle
+
+# How many bytes of the widest per-pattern tensor one block holds: big enough that Python
+# overhead vanishes, small enough that the [rows, queries] score matrices stay modest.
+BLOCK_BYTES = 32 << 20
+
+
+class DeviceError(ValueError):
+    """The requested device cannot be used (e.g. --device cuda on a machine without a GPU)."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda: no CUDA device is available (use auto or cpu)")
+        return torch.device("cuda")
+    raise DeviceError(f"unknown device {name!r}; choose from auto, cpu, cuda")
+
+
+def _torch_view(raw: np.ndarray, st_dtype: str) -> torch.Tensor:
+    """A torch tensor sharing memory with a (read-only, memory-mapped) numpy array."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write to it
+        if st_dtype == "BF16":
+            return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(raw)
+
+
+@dataclass
+class Block:
+    start: int  # global index of the first pattern
+    tensors: dict[str, torch.Tensor]  # on the compute device; floats in float32
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+
+def block_rows(bundle: Bundle, layer: str, queries: int = 1) -> int:
+    spec = bundle.layer_spec(layer)
+    width = max(spec.in_features if spec.kind == "linear" else 1, spec.out_features, queries, 1)
+    return max(1024, BLOCK_BYTES // (4 * width))
+
+
+def _host_blocks(bundle: Bundle, layer: str, fields: Sequence[str], rows: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    names = {f: bundle.pattern_names(layer, f) for f in fields}
+    for c, (start, stop) in enumerate(bundle.chunk_bounds(layer)):
+        infos = {f: bundle.info(names[f][c]) for f in fields}
+        raws = {f: bundle.raw(names[f][c]) for f in fields}
+        for lo in range(0, stop - start, rows):
+            hi = min(stop - start, lo + rows)
+            yield start + lo, {f: _torch_view(raws[f][lo:hi], infos[f].dtype) for f in fields}
+
+
+def stream_blocks(bundle: Bundle, layer: str, fields: Sequence[str], device: torch.device,
+                  rows: int | None = None) -> Iterator[Block]:
+    """Yield blocks of the requested per-pattern fields on `device` (floats as float32)."""
+    rows = rows or block_rows(bundle, layer)
+    host = _host_blocks(bundle, layer, fields, rows)
+    if device.type != "cuda":
+        for start, ts in host:
+            # float16/bfloat16 matmuls are slow on most CPUs: widen once per block.
+            yield Block(start, {f: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for f, t in ts.items()})
+        return
+    yield from _cuda_blocks(host, device)
+
+
+def _cuda_blocks(host: Iterator[tuple[int, dict[str, torch.Tensor]]], device: torch.device) -> Iterator[Block]:
+    copy_stream = torch.cuda.Stream(device=device)
+
+    def launch(item: tuple[int, dict[str, torch.Tensor]]) -> tuple[int, dict[str, torch.Tensor], torch.cuda.Event]:
+        start, ts = item
+        out = {}
+        with torch.cuda.stream(copy_stream):
+            for f, t in ts.items():
+                pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                pinned.copy_(t)
+                out[f] = pinned.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(copy_stream)
+        return start, out, event
+
+    nxt = next(host, None)
+    pending = launch(nxt) if nxt is not None else None
+    while pending is not None:
+        start, ts, event = pending
+        nxt = next(host, None)
+        pending = launch(nxt) if nxt is not None else None  # overlaps with the compute below
+        torch.cuda.current_stream(device).wait_event(event)
+        for t in ts.values():
+            t.record_stream(torch.cuda.current_stream(device))
+        yield Block(start, {f: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for f, t in ts.items()})
+
+
+def gather_rows(bundle: Bundle, layer: str, field: str, indices: np.ndarray) -> np.ndarray:
+    """Random access to a few patterns' rows (for the top-k results), as float32/int64."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out = None
+    bounds = bundle.chunk_bounds(layer)
+    names = bundle.pattern_names(layer, field)
+    for c, (start, stop) in enumerate(bounds):
+        sel = np.nonzero((indices >= start) & (indices < stop))[0]
+        if not len(sel):
+            continue
+        rows = bundle.raw(names[c])[indices[sel] - start]
+        info = bundle.info(names[c])
+        rows = _torch_view(np.ascontiguousarray(rows), info.dtype)
+        rows = rows.float().numpy() if rows.is_floating_point() else rows.numpy()
+        if out is None:
+            out = np.zeros((len(indices),) + rows.shape[1:], dtype=rows.dtype)
+        out[sel] = rows
+    if out is None:
+        spec = bundle.layer_spec(layer)
+        width = () if field not in ("keys", "values") or (field == "keys" and spec.kind == "embedding") else (
+            spec.in_features if field == "keys" else spec.out_features,)
+        out = np.zeros((len(indices),) + width, dtype=np.float32 if width else np.int64)
+    return out
