@@ -42,7 +42,8 @@ def _stderr() -> Any:
 def _stdout() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output is data: never squeeze a table to a guessed 80 columns.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 
 
 def fail(code: ExitCode, message: str) -> None:
@@ -262,6 +263,10 @@ def record_digits_cmd(
         err.print(f"interrupted after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
         raise typer.Exit(int(ExitCode.INTERRUPTED))
     err.print(f"wrote {result.path} ({result.steps} steps)")
+
+
+# The scripted spotlight commands register themselves on `app`.
+from . import cli_spotlight  # noqa: E402,F401
 
 
 def main() -> None:

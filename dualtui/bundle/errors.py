@@ -14,7 +14,14 @@ class BundleError(Exception):
     def __init__(self, path: object, detail: str):
         self.path = str(path)
         self.detail = detail
-        super().__init__(f"{self.path}: {self.kind}: {detail}")
+        super().__init__(f"{_one_line(self.path)}: {self.kind}: {_one_line(detail)}")
+
+
+def _one_line(text: str) -> str:
+    """Escape control characters (a newline in a file name) so the message stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 class NotSafetensors(BundleError):

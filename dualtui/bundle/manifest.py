@@ -68,6 +68,9 @@ class Manifest:
         return json.dumps(d)
 
 
+_JSON_TYPES = {dict: "object", list: "array", int: "number", float: "number", bool: "boolean"}
+
+
 def _require(cond: bool, path: object, detail: str) -> None:
     if not cond:
         raise errors.BadManifest(path, detail)
@@ -81,10 +84,15 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
     """Parse the manifest JSON string; every defect is a one-line `BundleError`."""
     if text is None:
         raise errors.MissingManifest(path, f"no {METADATA_KEY!r} entry in the safetensors metadata (is this a dualtui bundle?)")
+    if not isinstance(text, str):  # a sharded index is JSON itself, so an object can sneak in
+        raise errors.BadManifest(path, f"the {METADATA_KEY!r} metadata must be the manifest as a JSON string, "
+                                       f"not a JSON {_JSON_TYPES.get(type(text), type(text).__name__)}")
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise errors.BadManifest(path, f"manifest is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise errors.BadManifest(path, "manifest is not valid JSON (nested too deeply)") from None
     _require(isinstance(d, dict), path, "manifest must be a JSON object")
     _require(d.get("format") == FORMAT, path, f"manifest 'format' is {d.get('format')!r}, expected {FORMAT!r}")
     version = d.get("version")

@@ -74,6 +74,8 @@ class Bundle:
             raise errors.UnreadableFile(path, str(e)) from None
         except json.JSONDecodeError as e:
             raise errors.NotSafetensors(path, f"index is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise errors.NotSafetensors(path, "index is not valid JSON (nested too deeply)") from None
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise errors.NotSafetensors(path, "a sharded index needs a 'weight_map' object")
         meta = index.get("metadata") or {}
@@ -221,13 +223,17 @@ class Bundle:
             else:
                 self._expect(f"layer/{L}/queries", (n_test, i), tuple(FLOAT_DTYPES))
             self._expect(f"layer/{L}/query_grad", (n_test, o), ("F32",))
+            if spec.chunks > len(self._files):
+                # Checked before listing chunk names: a corrupt count like 10**20 must not eat memory.
+                raise errors.MissingTensor(self.path, f"layer {L!r}: the manifest promises {spec.chunks} chunks, "
+                                                      f"the bundle holds only {len(self._files)} tensors")
             fields = ["keys", "values", "step", "example"] + (["position"] if text or self.has_position(L) else [])
+            names_of = {f: self.pattern_names(L, f) for f in fields}
             total = 0
             for c in range(spec.chunks):
                 sizes = set()
                 for f in fields:
-                    names = self.pattern_names(L, f)
-                    name = names[c]
+                    name = names_of[f][c]
                     if f == "keys":
                         info = self._expect(name, (None,), ("I64",)) if emb else self._expect(name, (None, i), STORAGE_FLOATS)
                     elif f == "values":

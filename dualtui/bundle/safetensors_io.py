@@ -96,7 +96,8 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise errors.TruncatedFile(path, f"header needs {header_len} bytes, file has {len(raw)} after the length")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: JSON nested deeper than Python's parser can follow.
         raise errors.NotSafetensors(path, f"the header is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise errors.NotSafetensors(path, "the header is not a JSON object")
@@ -112,9 +113,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             dtype = entry["dtype"]
             shape = tuple(int(d) for d in entry["shape"])
             lo, hi = (int(x) for x in entry["data_offsets"])
-        except (TypeError, KeyError, ValueError):
+        except (TypeError, KeyError, ValueError, OverflowError):  # OverflowError: int(Infinity)
             raise errors.NotSafetensors(path, f"tensor {name!r} lacks a valid dtype, shape or data_offsets") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise errors.NotSafetensors(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
         if any(d < 0 for d in shape) or lo < 0 or hi < lo:
             raise errors.NotSafetensors(path, f"tensor {name!r} has a negative shape or offsets")

@@ -182,10 +182,12 @@ class BundleWriter:
                 size = 0
             shards[-1].append(t)
             size += t.nbytes
+        index_path = self.path.with_name(self.path.name + ".index.json")
         if len(shards) == 1:
             tmp = self.spool / "bundle.safetensors.tmp"
             write_file(tmp, shards[0], metadata)
             os.replace(tmp, self.path)
+            _remove_quietly(index_path)  # an older sharded run of the same name would shadow nothing, but confuse
             _fsync_dir(self.path.parent)
             return self.path
         stem = self.path.name[: -len(".safetensors")]
@@ -194,19 +196,27 @@ class BundleWriter:
         for shard_name, shard in zip(names, shards):
             write_file(self.spool / shard_name, shard, {"format": "pt"})
         weight_map = {t.name: shard_name for shard_name, shard in zip(names, shards) for t in shard}
-        index = {"metadata": {**metadata, "total_size": str(sum(t.nbytes for t in tensors))}, "weight_map": weight_map}
+        index = {"metadata": {**metadata, "total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
         tmp_index = self.spool / "index.json.tmp"
         tmp_index.write_text(json.dumps(index, indent=1))
         # Shards first, index last: the index is what makes the set a bundle.
         for shard_name in names:
             os.replace(self.spool / shard_name, self.path.parent / shard_name)
-        final_index = self.path.with_name(self.path.name + ".index.json")
-        os.replace(tmp_index, final_index)
+        os.replace(tmp_index, index_path)
+        # `Bundle.open(NAME.safetensors)` prefers an existing single file: drop an older one.
+        _remove_quietly(self.path)
         _fsync_dir(self.path.parent)
-        return final_index
+        return index_path
 
     def discard(self) -> None:
         shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

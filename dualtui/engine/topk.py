@@ -6,6 +6,30 @@ import numpy as np
 import torch
 
 
+def _select(v: torch.Tensor, i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each column of `v` [n, M] (float32), with their `i` [n, M].
+
+    `i` must ascend down each column: where equal values straddle the k-th place, the lower
+    index wins. (torch.topk alone picks among equal values arbitrarily, so the chosen patterns
+    would depend on how the stream was cut into blocks; embedding layers, whose α is 0 or 1,
+    tie everywhere.) Output rows are in no particular order."""
+    n = v.shape[0]
+    if n <= k:
+        return v.clone(), i
+    top, rows = v.topk(k + 1, dim=0)
+    rows = rows[:k]
+    tie = top[k - 1] == top[k]  # [M]
+    if bool(tie.any()):
+        cols = tie.nonzero()[:, 0]
+        # Exact lexicographic key (value, then lower row): the float's order-preserving bits
+        # above, the reversed row below. +0.0 turns -0.0 into 0.0 so the two tie.
+        bits = (v[:, cols].float() + 0.0).view(torch.int32)
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+        lower_first = torch.arange(n - 1, -1, -1, device=v.device)[:, None]
+        rows[:, cols] = ((bits << 32) | lower_first).topk(k, dim=0).indices
+    return v.gather(0, rows), i.gather(0, rows)
+
+
 class RunningTopK:
     """The k largest scores seen so far in each column of a [patterns, queries] stream."""
 
@@ -17,14 +41,13 @@ class RunningTopK:
     def update(self, scores: torch.Tensor, start: int) -> None:
         if scores.shape[0] == 0 or self.k == 0:
             return
-        v, i = scores.topk(min(self.k, scores.shape[0]), dim=0)
-        i = i + start
+        i = torch.arange(start, start + scores.shape[0], device=scores.device)[:, None].expand(scores.shape)
+        v, i = _select(scores, i, self.k)
         if self.values is not None:
             v = torch.cat([self.values, v])
             i = torch.cat([self.index, i])
-            if v.shape[0] > self.k:
-                v, sel = v.topk(self.k, dim=0)
-                i = i.gather(0, sel)
+            order = i.argsort(dim=0)  # ascending index, as _select needs for its tie-break
+            v, i = _select(v.gather(0, order), i.gather(0, order), self.k)
         self.values, self.index = v, i
 
     def result(self, column: int) -> tuple[np.ndarray, np.ndarray]:

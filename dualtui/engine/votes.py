@@ -47,7 +47,7 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
     M = queries.shape[0]
     class_abs = np.zeros((n_classes, M))
     for lo in range(0, M, query_batch):
-        q = torch.from_numpy(np.ascontiguousarray(queries[lo : lo + query_batch])).to(dev)
+        q = torch.from_numpy(np.array(queries[lo : lo + query_batch])).to(dev)
         q = q.long() if emb else q.float()
         acc = torch.zeros(n_classes, q.shape[0], dtype=torch.float64, device=dev)
         for block in stream_blocks(bundle, layer, ("keys", "example"), dev, block_rows(bundle, layer, q.shape[0])):

@@ -16,6 +16,7 @@ Usage, in the user's own training loop:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -41,13 +42,14 @@ class _CaptureGrad(torch.autograd.Function):
     """Identity whose backward hands dL/d(output) to a sink.
 
     A fresh autograd node (rather than a tensor hook) keeps working when the user's code
-    later modifies the layer output in place, e.g. ReLU(inplace=True).
+    later modifies the layer output in place, e.g. ReLU(inplace=True). The output must be a
+    copy, not a view: PyTorch forbids in-place changes to a view returned by a custom Function.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sink: "_Call") -> torch.Tensor:  # type: ignore[override]
         ctx.sink = sink
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -55,13 +57,20 @@ class _CaptureGrad(torch.autograd.Function):
         return grad, None
 
 
+# Gradient scales are checked for a window of steps at once (one device sync per window);
+# the first steps are checked before they are applied, so a training loop that cannot be
+# recorded exactly stops before it changes any weight.
+CHECK_WINDOW = 32
+EAGER_STEPS = 2
+
+
 @dataclass
 class _Call:
     """One forward call of a recorded layer during training: its patterns, awaiting grads."""
 
     keys: torch.Tensor  # [n, in] (or [n] token ids)
-    example: torch.Tensor  # [n] int64
-    position: torch.Tensor  # [n] int64
+    example: torch.Tensor  # [b] example ids of the batch (CPU)
+    per: int  # patterns per example: n == b * per, batch-major
     out_features: int
     grad: torch.Tensor | None = None
 
@@ -78,8 +87,13 @@ class _Layer:
     spec: LayerSpec
     w_init: torch.Tensor  # W_0 (CPU copy, model dtype)
     b_init: torch.Tensor | None
+    group: dict = field(default_factory=dict)  # the optimizer param group of weight (and bias)
+    bias_group: dict | None = None  # the bias's group when it is a different one
     calls: list[_Call] = field(default_factory=list)
-    steps: list[StepRecord] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)  # one per optimizer step, by step index
+    pending: list["_PendingStep"] = field(default_factory=list)  # applied steps not yet spooled
+    pending_bytes: int = 0
+    probe: torch.Tensor | None = None  # fixed random directions for the gradient-scale check
     handle: Any = None
 
     @property
@@ -88,6 +102,13 @@ class _Layer:
         if self.kind == "linear" and self.module.bias is not None:
             ps.append(self.module.bias)
         return ps
+
+
+@dataclass
+class _PendingStep:
+    step: int
+    calls: list[_Call]
+    actual: torch.Tensor  # the parameter gradient projected on the layer's probe (on device)
 
 
 def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict | None:
@@ -155,7 +176,8 @@ class Recorder:
         self.extra = dict(extra or {})
         self.training = dict(training or {})
         self.clip_norm = clip_norm  # informational: the actual clipping factor is measured per step
-        self._pending_records: list[StepRecord] = []
+        self._pending_records: list = []
+        self.check_failures: list[str] = []
         self.positions = self.input.get("kind") == "text"
         self.storage_dtype = storage_dtype
         self.step_count = 0
@@ -206,6 +228,8 @@ class Recorder:
             if kind == "embedding":
                 if m.sparse:
                     raise RecorderError(f"layer {name!r}: sparse embeddings are not supported (use sparse=False)")
+                if m.scale_grad_by_freq:
+                    raise RecorderError(f"layer {name!r}: scale_grad_by_freq rescales each row's gradient by its token count, which breaks the dual form")
                 if m.max_norm is not None:
                     raise RecorderError(f"layer {name!r}: max_norm renormalises weights in the forward pass, which breaks the dual form")
             params = [m.weight] + ([m.bias] if kind == "linear" and m.bias is not None else [])
@@ -230,7 +254,8 @@ class Recorder:
                 spec = LayerSpec(name, kind, m.num_embeddings, m.embedding_dim, False, 0, 1)
             w0 = m.weight.detach().to("cpu", copy=True)
             b0 = m.bias.detach().to("cpu", copy=True) if spec.bias else None
-            out[name] = _Layer(name, m, kind, spec, w0, b0)
+            bias_group = groups[1] if len(groups) == 2 and groups[1] is not groups[0] else None
+            out[name] = _Layer(name, m, kind, spec, w0, b0, group=groups[0], bias_group=bias_group)
         return out
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -262,15 +287,14 @@ class Recorder:
         finally:
             self._example = previous
 
-    def _examples_for(self, rows: int, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _examples_for(self, rows: int, layer: str) -> tuple[torch.Tensor, int]:
         ex = self._example
         if ex is None:
             raise RecorderError("a recorded layer ran without example ids: wrap the forward pass in `with recorder.batch(example=ids):`")
         b = ex.numel()
         if b == 0 or rows % b:
             raise RecorderError(f"layer {layer!r} saw {rows} input rows, which do not split evenly over {b} examples of the batch")
-        per = rows // b
-        return ex.repeat_interleave(per), torch.arange(per).repeat(b)
+        return ex, rows // b
 
     def _make_forward_hook(self, layer: _Layer) -> Callable:
         out_features = layer.spec.out_features
@@ -283,8 +307,8 @@ class Recorder:
                 keys = x.reshape(-1)
             else:
                 keys = x.reshape(-1, x.shape[-1])
-            example, position = self._examples_for(keys.shape[0], layer.name)
-            call = _Call(keys, example, position, out_features)
+            example, per = self._examples_for(keys.shape[0], layer.name)
+            call = _Call(keys, example, per, out_features)
             layer.calls.append(call)
             return _CaptureGrad.apply(output, call)
 
@@ -297,91 +321,162 @@ class Recorder:
             raise RecorderError("optimizer.step(closure) re-evaluates the loss inside the step; call backward() before step() instead")
         records = []
         for layer in self.layers.values():
-            group = _group_of(optimizer, layer.module.weight)
-            lr, mu, damp, nest, wd, maxim = _hyper(group)
+            hyper = _hyper(layer.group)
+            if layer.bias_group is not None and _hyper(layer.bias_group) != hyper:
+                raise RecorderError(
+                    f"layer {layer.name!r} step {self.step_count}: weight and bias use different optimizer settings "
+                    "(e.g. a scheduler drove their groups apart); the dual form needs one value per pattern"
+                )
+            lr, mu, damp, nest, wd, maxim = hyper
             active = layer.module.weight.grad is not None
             layer.calls = [c for c in layer.calls if c.grad is not None]  # forwards without backward add nothing
-            scale = self._measure_scale(layer) if active else 0.0
-            records.append(StepRecord(lr, mu, damp, nest, wd, maxim, active, scale))
+            actual = self._project_grad(layer) if active else None
+            record = StepRecord(lr, mu, damp, nest, wd, maxim, active, 1.0)
+            if active and self.step_count < EAGER_STEPS:
+                self._scales(layer, [_PendingStep(self.step_count, layer.calls, actual)])  # raises before the update
+            records.append((record, actual))
         # Appended in the post-hook, once the step has really happened.
         self._pending_records = records
         self._in_step = True
 
-    def _measure_scale(self, layer: _Layer) -> float:
-        """How the gradient in .grad relates to the recorded patterns: grad = scale·Σ g kᵀ.
+    def _project_grad(self, layer: _Layer) -> torch.Tensor:
+        """.grad of the layer projected on two fixed random directions (no device sync)."""
+        w = layer.module.weight
+        if layer.probe is None:
+            gen = torch.Generator(device="cpu").manual_seed(1234)
+            rows = layer.spec.out_features if layer.kind == "embedding" else layer.spec.in_features + 1
+            layer.probe = torch.randn(rows, 2, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
+        if layer.kind == "embedding":
+            return w.grad @ layer.probe  # [vocab, 2]
+        actual = w.grad @ layer.probe[:-1]  # [out, 2]
+        bias = layer.module.bias
+        if layer.spec.bias and bias.grad is not None:
+            actual = actual + bias.grad[:, None] * layer.probe[-1]
+        return actual
 
-        Clipping and loss scaling multiply the whole gradient by one number; we read that
-        number off random projections and refuse anything that is not such a multiple
-        (per-coordinate clipping, gradients from outside the recorded forward passes).
+    def _scales(self, layer: _Layer, pending: list[_PendingStep], failures: list[str] | None = None) -> np.ndarray:
+        """How each step's .grad relates to its recorded patterns: grad = scale·Σ g kᵀ.
+
+        Clipping by global norm, loss scaling and accumulation multiply a whole gradient by
+        one number; we read it off the random projections and refuse anything that is not
+        such a multiple (per-coordinate clipping, gradients from unrecorded uses of a layer):
+        raised at once, or appended to `failures` (keeping the least-squares scale) if given.
         """
         w = layer.module.weight
-        gen = torch.Generator(device="cpu").manual_seed(len(layer.steps))
-        if layer.kind == "embedding":
-            r = torch.randn(2, layer.spec.out_features, generator=gen, dtype=torch.float64).to(w.device)
-            actual = w.grad.to(torch.float64) @ r.T  # [vocab, 2]
-            recorded = torch.zeros_like(actual)
-            for c in layer.calls:
-                keep = c.keys != (layer.module.padding_idx if layer.module.padding_idx is not None else -1)
-                recorded.index_add_(0, c.keys[keep], c.grad[keep].to(torch.float64) @ r.T)
-        else:
-            r = torch.randn(2, layer.spec.in_features + 1, generator=gen, dtype=torch.float64).to(w.device)
-            actual = w.grad.to(torch.float64) @ r[:, :-1].T  # [out, 2]
-            if layer.spec.bias and layer.module.bias.grad is not None:
-                actual = actual + layer.module.bias.grad.to(torch.float64)[:, None] * r[:, -1]
-            recorded = torch.zeros_like(actual)
-            for c in layer.calls:
-                proj = c.keys.to(torch.float64) @ r[:, :-1].T  # [n, 2]
+        probe = layer.probe.to(torch.float64)
+        S = len(pending)
+        counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
+        calls = [c for p in pending for c in p.calls]
+        rows = layer.spec.in_features if layer.kind == "embedding" else layer.spec.out_features
+        recorded = torch.zeros(S * rows, 2, dtype=torch.float64, device=w.device)
+        # The same sums over |terms|: rounding in the sums that built .grad is relative to the
+        # size of the summed terms, not of the result (contributions can cancel).
+        magnitude = torch.zeros(S * rows, 2, dtype=torch.float64, device=w.device)
+        if calls:
+            keys = torch.cat([c.keys for c in calls])
+            grads = torch.cat([c.grad for c in calls]).to(torch.float64)
+            seg = torch.repeat_interleave(torch.arange(S, device=w.device), torch.tensor(counts, device=w.device))
+            if layer.kind == "embedding":
+                gp = grads @ probe  # [n, 2]
+                gp_abs = grads.abs() @ probe.abs()
+                if layer.module.padding_idx is not None:
+                    keep = (keys != layer.module.padding_idx)[:, None]  # PyTorch gives padding no gradient
+                    gp, gp_abs = gp * keep, gp_abs * keep
+                recorded.index_add_(0, seg * rows + keys, gp)
+                magnitude.index_add_(0, seg * rows + keys, gp_abs)
+            else:
+                k64 = keys.to(torch.float64)
+                proj = k64 @ probe[:-1]  # [n, 2]
+                proj_abs = k64.abs() @ probe[:-1].abs()
                 if layer.spec.bias:
-                    proj = proj + r[:, -1]
-                recorded += c.grad.to(torch.float64).T @ proj
-        rr = float((recorded * recorded).sum())
-        ar = float((actual * recorded).sum())
-        aa = float((actual * actual).sum())
-        if rr == 0.0:
-            if aa == 0.0:
-                return 1.0
-            raise RecorderError(
-                f"layer {layer.name!r} has a gradient at step {self.step_count} but no recorded forward pass produced it "
-                "(was it run under a different module, or outside `recorder.batch`?)"
-            )
-        scale = ar / rr
-        residual = float(torch.linalg.vector_norm(actual - scale * recorded))
+                    proj = proj + probe[-1]
+                    proj_abs = proj_abs + probe[-1].abs()
+                recorded = recorded.view(S, rows, 2)
+                magnitude = magnitude.view(S, rows, 2)
+                zeros = lambda: torch.zeros(S, rows, dtype=torch.float64, device=w.device)  # noqa: E731
+                for j in range(2):
+                    recorded[:, :, j] = zeros().index_add_(0, seg, grads * proj[:, j : j + 1])
+                    magnitude[:, :, j] = zeros().index_add_(0, seg, grads.abs() * proj_abs[:, j : j + 1])
+        recorded = recorded.view(S, rows, 2)
+        magnitude = magnitude.view(S, rows, 2)
+        actual = torch.stack([p.actual for p in pending]).to(torch.float64).view(S, rows, 2)
+        aa = (actual * actual).sum((1, 2))
+        ar = (actual * recorded).sum((1, 2))
+        rr = (recorded * recorded).sum((1, 2))
+        scale = torch.where(rr > 0, ar / torch.where(rr > 0, rr, 1.0), torch.ones_like(rr))
+        residual = torch.linalg.vector_norm(actual - scale[:, None, None] * recorded, dim=(1, 2))
+        mag = torch.linalg.vector_norm(magnitude, dim=(1, 2))
+        scale, residual, aa, rr, mag = (t.cpu().numpy() for t in (scale, residual, aa, rr, mag))
         eps = torch.finfo(w.dtype).eps
-        if residual > 1e3 * eps * max(aa**0.5, 1e-30) + 1e-30:
-            raise RecorderError(
-                f"layer {layer.name!r} step {self.step_count}: the gradient is not a scalar multiple of the recorded "
-                f"patterns (relative residual {residual / aa ** 0.5:.1e}); per-coordinate gradient changes "
-                "(clip_grad_value_, masking) or gradients from unrecorded uses of the layer break the dual form"
-            )
+        for i, p in enumerate(pending):
+            problem = None
+            if rr[i] == 0.0 and aa[i] ** 0.5 > 1e3 * eps * mag[i]:
+                problem = (f"layer {layer.name!r} has a gradient at step {p.step} but no recorded forward pass produced it "
+                           "(was it run under a different module, or outside `recorder.batch`?)")
+            elif residual[i] > 1e3 * eps * max(aa[i] ** 0.5, abs(scale[i]) * mag[i]) + 1e-300:
+                problem = (f"layer {layer.name!r} step {p.step}: the gradient is not a scalar multiple of the recorded "
+                           f"patterns (relative residual {residual[i] / aa[i] ** 0.5:.1e}); per-coordinate gradient changes "
+                           "(clip_grad_value_, masking) or gradients from unrecorded uses of the layer break the dual form")
+            if problem is not None:
+                if failures is None:
+                    raise RecorderError(problem)
+                failures.append(problem)
+        # Within rounding of 1 means unscaled: say so exactly rather than carry the noise.
+        scale[np.abs(scale - 1.0) <= 100 * eps] = 1.0
         return scale
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        for layer, record in zip(self.layers.values(), self._pending_records):
+        flush = False
+        for layer, (record, actual) in zip(self.layers.values(), self._pending_records):
             layer.steps.append(record)
             calls, layer.calls = layer.calls, []
-            if not calls or not layer.steps[-1].active:
-                continue
-            keys = torch.cat([c.keys for c in calls]).cpu()
-            grads = torch.cat([c.grad for c in calls]).cpu()
-            example = torch.cat([c.example for c in calls])
-            position = torch.cat([c.position for c in calls])
-            if layer.kind == "embedding" and layer.module.padding_idx is not None:
-                keep = keys != layer.module.padding_idx  # PyTorch gives the padding row no gradient
-                keys, grads, example, position = keys[keep], grads[keep], example[keep], position[keep]
-            arrays = dict(
-                keys=keys.numpy(),
-                values=grads.numpy(),
-                step=np.full(keys.shape[0], self.step_count, dtype=np.int64),
-                example=example.numpy(),
-            )
-            if self.positions:
-                arrays["position"] = position.numpy()
-            self.writer.append(layer.name, **arrays)
+            if record.active:
+                layer.pending.append(_PendingStep(self.step_count, calls, actual))
+                layer.pending_bytes += sum(c.keys.nbytes + c.grad.nbytes for c in calls)
+                flush = flush or len(layer.pending) >= CHECK_WINDOW or layer.pending_bytes >= self.writer.chunk_bytes
+        self._pending_records = []
         self.step_count += 1
         self._in_step = False
+        if flush:
+            self._commit_pending()
         if self._pending_interrupt:
             self._pending_interrupt = False
             raise KeyboardInterrupt
+
+    def _commit_pending(self, strict: bool = True) -> None:
+        """Check the scales of the applied steps and move their patterns to the spool."""
+        first_failure = None
+        for layer in self.layers.values():
+            pending, layer.pending, layer.pending_bytes = layer.pending, [], 0
+            if not pending:
+                continue
+            # Failures are kept with the patterns (nothing recorded is dropped) and raised
+            # once the patterns are safely spooled; the bundle then says what went wrong.
+            failures: list[str] = []
+            scales = self._scales(layer, pending, failures)
+            self.check_failures.extend(failures)
+            if failures and strict:
+                first_failure = first_failure or failures[0]
+            for p, sc in zip(pending, scales):
+                layer.steps[p.step] = dataclasses.replace(layer.steps[p.step], scale=float(sc))
+            calls = [c for p in pending for c in p.calls]
+            if not calls:
+                continue
+            counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
+            keys = torch.cat([c.keys for c in calls]).cpu()
+            grads = torch.cat([c.grad for c in calls]).cpu()
+            example = torch.cat([c.example.repeat_interleave(c.per) for c in calls])
+            position = torch.cat([torch.arange(c.per).repeat(c.example.numel()) for c in calls])
+            step = torch.repeat_interleave(torch.tensor([p.step for p in pending]), torch.tensor(counts))
+            if layer.kind == "embedding" and layer.module.padding_idx is not None:
+                keep = keys != layer.module.padding_idx  # PyTorch gives the padding row no gradient
+                keys, grads, example, position, step = keys[keep], grads[keep], example[keep], position[keep], step[keep]
+            arrays = dict(keys=keys.numpy(), values=grads.numpy(), step=step.numpy(), example=example.numpy())
+            if self.positions:
+                arrays["position"] = position.numpy()
+            self.writer.append(layer.name, **arrays)
+        if first_failure is not None:
+            raise RecorderError(first_failure)
 
     # ------------------------------------------------------------------ test set
     def record_test(
@@ -415,8 +510,12 @@ class Recorder:
                 seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
                 def make(name: str) -> Callable:
-                    def hook(module: nn.Module, ins: tuple, out: torch.Tensor) -> None:
+                    def hook(module: nn.Module, ins: tuple, out: torch.Tensor) -> torch.Tensor:
                         seen[name] = (ins[0].detach(), out)  # the last call wins for reused layers
+                        # Hand on a copy: an in-place op downstream (ReLU(inplace=True)) would
+                        # otherwise rewrite `out`'s autograd history, and the gradient taken
+                        # below would be w.r.t. the activation instead of the layer output.
+                        return out.clone()
 
                     return hook
 
@@ -432,7 +531,11 @@ class Recorder:
                             raise RecorderError(f"layer {missing[0]!r} did not run on the test inputs")
                         outs = [seen[n][1] for n in self.layers]
                         target = logits.gather(1, pred[:, None]).sum()
-                        grads = torch.autograd.grad(target, outs, allow_unused=True)
+                        # A frozen layer whose output needs no gradient has query_grad 0 (autograd
+                        # refuses to differentiate with respect to it).
+                        live = [o for o in outs if o.requires_grad] if target.requires_grad else []
+                        got = iter(torch.autograd.grad(target, live, allow_unused=True) if live else ())
+                        grads = [next(got) if target.requires_grad and o.requires_grad else None for o in outs]
                 finally:
                     for h in handles:
                         h.remove()
@@ -474,6 +577,7 @@ class Recorder:
     def dual(self, layer: str) -> dict[str, np.ndarray]:
         """The whole dual memory of one layer in the recording dtype (loads it all: for tests
         and notebooks on small runs). Keys: w0, b0 (if bias), keys, values, step, example."""
+        self._commit_pending()
         a, C = self.coefficients(layer)
         lay = self.layers[layer]
         chunks = list(self.writer.iter_chunks(layer))
@@ -496,6 +600,8 @@ class Recorder:
         for t in (self._train_labels, self._train_tasks):
             if t is not None:
                 n = max(n, t.numel())
+        if self._train_inputs is not None:  # train/input has one row per example: size the tables to match
+            n = max(n, len(self._train_inputs))
         ids = list(self._labels) + list(self._tasks_of)
         if ids:
             n = max(n, max(ids) + 1)
@@ -542,6 +648,7 @@ class Recorder:
             return None
         self.closed = True
         self._detach()
+        self._commit_pending(strict=False)
         static: dict[str, np.ndarray] = {}
         specs = []
         for lay in self.layers.values():
@@ -571,6 +678,8 @@ class Recorder:
         training = {**self.training, "steps": self.step_count}
         if self.interrupted:
             training["interrupted"] = self.interrupted
+        if self.check_failures:
+            training["check_failures"] = self.check_failures
         manifest = Manifest(layers=specs, tasks=tasks, classes=classes, input=self.input,
                             optimizer=self._optimizer_json(), training=training, extra=self.extra)
         coeffs = {lay.name: self.coefficients(lay.name)[1] for lay in self.layers.values()}

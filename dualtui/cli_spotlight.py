@@ -1,0 +1,280 @@
+"""Scripted spotlights: `rank`, `mass`, `layers`, `votes` (tables, --json or --csv on stdout)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .cli import UsageError, _emit_json, _open, _stdout, app, handles_errors
+
+
+class By(str, Enum):
+    attention = "attention"
+    magnitude = "magnitude"
+    effect = "effect"
+
+
+class Group(str, Enum):
+    pattern = "pattern"
+    example = "example"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+BUNDLE_ARG = typer.Argument(..., help="A .safetensors bundle or a sharded .safetensors.index.json.")
+JSON_OPT = typer.Option(False, "--json", help="Print JSON to stdout.")
+CSV_OPT = typer.Option(False, "--csv", help="Print CSV to stdout.")
+DEVICE_OPT = typer.Option(Device.auto, "--device", help="Where to compute: auto uses CUDA when present.")
+
+
+def _layer(bundle: Any, layer: Optional[str]) -> str:
+    names = bundle.manifest.layer_names
+    if layer is None:
+        return names[-1]
+    if layer not in names:
+        raise UsageError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
+    return layer
+
+
+def _test(bundle: Any, test: int) -> int:
+    n = bundle.test_size
+    if not 0 <= test < n:
+        raise UsageError(f"test index {test} out of range; valid: 0..{n - 1}" if n else "the bundle has no test items")
+    return test
+
+
+def _device(name: Device) -> Any:
+    from .engine.stream import DeviceError, pick_device
+
+    try:
+        return pick_device(name.value)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
+
+
+def _write_csv(rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    w = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+
+
+def _check_formats(as_json: bool, as_csv: bool) -> None:
+    if as_json and as_csv:
+        raise UsageError("choose one of --json and --csv")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+# ----------------------------------------------------------------------------- rank
+def rank_json(bundle: Any, layer: str, test: int, by: str, group: str, reverse: bool, top: int, device: Any) -> dict:
+    from .engine.spotlight import spotlights
+
+    res = spotlights(bundle, layer, [test], top=top, by=[by], groups=[group], reverse=[reverse],
+                     summary=False, masses=False, device=device)[0]
+    label = int(bundle.array("test/label")[test])
+    pred = int(bundle.array("test/prediction")[test])
+    return {
+        "test": test, "layer": layer, "by": by, "group": group, "reverse": reverse,
+        "test_label": label, "test_prediction": pred, "test_task": int(bundle.array("test/task")[test]),
+        "results": [r.to_json() for r in res.ranked[(by, group, reverse)]],
+    }
+
+
+@app.command()
+@handles_errors
+def rank(
+    bundle: Path = BUNDLE_ARG,
+    test: int = typer.Option(..., "--test", "-t", help="Test item index."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer name (default: the last layer)."),
+    by: By = typer.Option(By.attention, "--by", help="Score to rank by."),
+    group: Group = typer.Option(Group.pattern, "--group", help="Rank patterns, or training examples (sum over their patterns)."),
+    top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
+    reverse: bool = typer.Option(False, "--reverse", help="Lowest scores first (most negative)."),
+    device: Device = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    as_csv: bool = CSV_OPT,
+) -> None:
+    """Training patterns (or examples) ranked by their score for one test item at one layer."""
+    _check_formats(as_json, as_csv)
+    b = _open(bundle)
+    L, m = _layer(b, layer), _test(b, test)
+    d = rank_json(b, L, m, by.value, group.value, reverse, top, _device(device))
+    if as_json:
+        _emit_json(d)
+        return
+    if as_csv:
+        _write_csv(d["results"])
+        return
+    from rich.table import Table
+
+    classes, tasks = b.manifest.classes, b.manifest.tasks
+    name = lambda names, i: names[i] if 0 <= i < len(names) else str(i)  # noqa: E731
+    out = _stdout()
+    out.print(f"test {m} (label {name(classes, d['test_label'])}, predicted {name(classes, d['test_prediction'])}) · layer {L} · "
+              f"by {by.value} · {group.value}s · {'lowest' if reverse else 'highest'} first")
+    cols = ["rank", "score", "attention", "magnitude", "effect"] + (["pattern", "step"] if group == Group.pattern else ["patterns"]) + ["example", "label", "task"]
+    t = Table(*cols, box=None, pad_edge=False)
+    for r in d["results"]:
+        row = [str(r["rank"]), _fmt(r["score"]), _fmt(r["attention"]), _fmt(r["magnitude"]), _fmt(r["effect"])]
+        row += [str(r["pattern"]), str(r["step"])] if group == Group.pattern else [str(r["patterns"])]
+        row += [str(r["example"]), name(classes, r["label"]), name(tasks, r["task"])]
+        t.add_row(*row)
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------- mass
+def mass_json(bundle: Any, layers: list[str], test: int, device: Any) -> dict:
+    from .engine.spotlight import spotlights
+
+    tasks, classes = bundle.manifest.tasks, bundle.manifest.classes
+    task_rows, class_rows, step_rows = [], [], []
+    for L in layers:
+        res = spotlights(bundle, L, [test], groups=[], by=[], summary=False, masses=True, device=device)[0]
+        ms = res.masses
+        total = ms.abs_total or 1.0
+        for i in range(len(ms.task_abs_sum)):
+            task_rows.append({"layer": L, "task": i, "task_name": tasks[i] if i < len(tasks) else str(i),
+                              "attention_sum": float(ms.task_attention_sum[i]), "abs_sum": float(ms.task_abs_sum[i]),
+                              "abs_share": float(ms.task_abs_sum[i] / total), "effect_sum": float(ms.task_effect_sum[i])})
+        for i in range(len(ms.class_abs_sum)):
+            class_rows.append({"layer": L, "class": i, "class_name": classes[i] if i < len(classes) else str(i),
+                               "attention_sum": float(ms.class_attention_sum[i]), "abs_sum": float(ms.class_abs_sum[i]),
+                               "abs_share": float(ms.class_abs_sum[i] / total), "effect_sum": float(ms.class_effect_sum[i])})
+        for i in range(len(ms.step_abs_sum)):
+            step_rows.append({"layer": L, "bin": i, "step_start": int(ms.step_edges[i]), "step_end": int(ms.step_edges[i + 1]),
+                              "attention_sum": float(ms.step_attention_sum[i]), "abs_sum": float(ms.step_abs_sum[i]),
+                              "abs_share": float(ms.step_abs_sum[i] / total), "effect_sum": float(ms.step_effect_sum[i])})
+    return {"test": test, "tasks": task_rows, "classes": class_rows, "steps": step_rows}
+
+
+@app.command()
+@handles_errors
+def mass(
+    bundle: Path = BUNDLE_ARG,
+    test: int = typer.Option(..., "--test", "-t", help="Test item index."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="One layer (default: every layer)."),
+    device: Device = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    as_csv: bool = CSV_OPT,
+) -> None:
+    """Attention mass per task, per training class and over training time, per layer."""
+    _check_formats(as_json, as_csv)
+    b = _open(bundle)
+    m = _test(b, test)
+    layers = [_layer(b, layer)] if layer else b.manifest.layer_names
+    d = mass_json(b, layers, m, _device(device))
+    if as_json:
+        _emit_json(d)
+        return
+    if as_csv:
+        _write_csv([{"kind": "task", **r} for r in d["tasks"]] + [{"kind": "class", **r} for r in d["classes"]]
+                   + [{"kind": "step", **r} for r in d["steps"]])
+        return
+    from rich.table import Table
+
+    out = _stdout()
+    for kind, key, label in (("tasks", "task_name", "task"), ("classes", "class_name", "class")):
+        t = Table("layer", label, "Σα", "Σ|α|", "share of Σ|α|", "Σeffect", box=None, pad_edge=False, title=f"test {m}: attention mass per {label}")
+        for r in d[kind]:
+            t.add_row(r["layer"], r[key], _fmt(r["attention_sum"]), _fmt(r["abs_sum"]), f"{r['abs_share']:.1%}", _fmt(r["effect_sum"]))
+        out.print(t)
+
+
+# ----------------------------------------------------------------------------- layers
+def layers_json(bundle: Any, test: int, device: Any) -> dict:
+    from dataclasses import asdict
+
+    from .engine.spotlight import spotlights
+
+    rows = []
+    for L in bundle.manifest.layer_names:
+        res = spotlights(bundle, L, [test], groups=[], by=[], summary=True, masses=False, device=device)[0]
+        rows.append(asdict(res.summary))
+    return {"test": test, "layers": rows}
+
+
+@app.command()
+@handles_errors
+def layers(
+    bundle: Path = BUNDLE_ARG,
+    test: int = typer.Option(..., "--test", "-t", help="Test item index."),
+    device: Device = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    as_csv: bool = CSV_OPT,
+) -> None:
+    """Per layer: initial-weight term vs learned term, effective number of attended patterns,
+    top-10/100 share of Σ|α|, and the primal-vs-dual error for this test item."""
+    _check_formats(as_json, as_csv)
+    b = _open(bundle)
+    m = _test(b, test)
+    d = layers_json(b, m, _device(device))
+    if as_json:
+        _emit_json(d)
+        return
+    if as_csv:
+        _write_csv(d["layers"])
+        return
+    from rich.table import Table
+
+    t = Table("layer", "‖w0 q + b0‖", "‖Σ α v‖", "learned share", "effective patterns", "of", "top-10 share", "top-100 share",
+              "primal−dual", box=None, pad_edge=False, title=f"test {m}: per-layer contributions")
+    for r in d["layers"]:
+        t.add_row(r["layer"], _fmt(r["initial_norm"]), _fmt(r["learned_norm"]), f"{r['learned_share']:.1%}",
+                  f"{r['effective_patterns']:,.1f}", f"{r['patterns']:,}", f"{r['top10_share']:.2%}", f"{r['top100_share']:.2%}",
+                  f"{r['primal_dual_error']:.1e}")
+    _stdout().print(t)
+
+
+# ----------------------------------------------------------------------------- votes
+@app.command()
+@handles_errors
+def votes(
+    bundle: Path = BUNDLE_ARG,
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="One layer (default: every layer)."),
+    device: Device = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    as_csv: bool = CSV_OPT,
+) -> None:
+    """Over the whole test set, per layer: the training class with the largest Σ|α| (the
+    layer's "vote"), compared with the true label and with the model's prediction."""
+    from .engine.votes import layer_votes
+
+    _check_formats(as_json, as_csv)
+    b = _open(bundle)
+    names = [_layer(b, layer)] if layer else b.manifest.layer_names
+    dev = _device(device)
+    rows = [layer_votes(b, L, dev).to_json() for L in names]
+    if as_json:
+        _emit_json({"layers": rows})
+        return
+    if as_csv:
+        _write_csv([{**{k: v for k, v in r.items() if k != "table"}, **r["table"]} for r in rows])
+        return
+    from rich.table import Table
+
+    t = Table("layer", "vote = label", "vote = prediction", "model accuracy", "vote ✓ model ✓", "vote ✓ model ✗",
+              "vote ✗ model ✓", "vote ✗ model ✗", box=None, pad_edge=False, title=f"{b.test_size} test items")
+    for r in rows:
+        tb = r["table"]
+        t.add_row(r["layer"], f"{r['label_agreement']:.1%}", f"{r['prediction_agreement']:.1%}", f"{r['model_accuracy']:.1%}",
+                  str(tb["vote_right_model_right"]), str(tb["vote_right_model_wrong"]), str(tb["vote_wrong_model_right"]),
+                  str(tb["vote_wrong_model_wrong"]))
+    _stdout().print(t)
