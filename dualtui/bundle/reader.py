@@ -118,6 +118,12 @@ class Bundle:
             return to_float32(raw, info.dtype)
         return np.asarray(raw)
 
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Tell the OS we are done with rows [start, stop) of a tensor (see MappedFile.release)."""
+        info = self.info(name)
+        row = (info.end - info.start) // max(info.shape[0], 1) if info.shape else 0
+        self._files[name].release(info.start + start * row, info.start + stop * row)
+
     @property
     def tensor_names(self) -> list[str]:
         return list(self._files)

@@ -8,6 +8,7 @@ a file whose tensors are produced chunk by chunk (never all in memory at once).
 from __future__ import annotations
 
 import json
+import mmap as mmap_module
 import os
 import struct
 from dataclasses import dataclass
@@ -160,6 +161,25 @@ class MappedFile:
         info = self.header.tensors[name]
         buf = self._buffer()[info.start : info.end]
         return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def release(self, start: int, end: int) -> None:
+        """Drop our mapping of file bytes [start, end) that a stream has finished with.
+
+        The pages stay in the OS page cache (a second pass is still fast), but they stop
+        counting towards this process's resident memory, so streaming a bundle larger than
+        RAM keeps the footprint at about one block.
+        """
+        mm = getattr(self._map, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap_module, "MADV_DONTNEED"):
+            return
+        page = mmap_module.PAGESIZE
+        lo = -(-start // page) * page  # only whole pages inside the range
+        hi = (end // page) * page
+        if hi > lo:
+            try:
+                mm.madvise(mmap_module.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                pass
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -69,6 +69,9 @@ def _host_blocks(bundle: Bundle, layer: str, fields: Sequence[str], rows: int) -
         for lo in range(0, stop - start, rows):
             hi = min(stop - start, lo + rows)
             yield start + lo, {f: _torch_view(raws[f][lo:hi], infos[f].dtype) for f in fields}
+            # The consumer is done with this block: keep resident memory at about one block.
+            for f in fields:
+                bundle.release(names[f][c], lo, hi)
 
 
 def stream_blocks(bundle: Bundle, layer: str, fields: Sequence[str], device: torch.device,

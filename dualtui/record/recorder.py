@@ -320,8 +320,9 @@ class Recorder:
         if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
             raise RecorderError("optimizer.step(closure) re-evaluates the loss inside the step; call backward() before step() instead")
         records = []
+        hypers: dict[int, tuple] = {}  # per param group, read once per step
         for layer in self.layers.values():
-            hyper = _hyper(layer.group)
+            hyper = hypers.get(id(layer.group)) or hypers.setdefault(id(layer.group), _hyper(layer.group))
             if layer.bias_group is not None and _hyper(layer.bias_group) != hyper:
                 raise RecorderError(
                     f"layer {layer.name!r} step {self.step_count}: weight and bias use different optimizer settings "
@@ -465,8 +466,11 @@ class Recorder:
             counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
             keys = torch.cat([c.keys for c in calls]).cpu()
             grads = torch.cat([c.grad for c in calls]).cpu()
-            example = torch.cat([c.example.repeat_interleave(c.per) for c in calls])
-            position = torch.cat([torch.arange(c.per).repeat(c.example.numel()) for c in calls])
+            if all(c.per == 1 for c in calls):  # the common case: one pattern per example
+                example = torch.cat([c.example for c in calls])
+            else:
+                example = torch.cat([c.example.repeat_interleave(c.per) for c in calls])
+            position = torch.cat([torch.arange(c.per).repeat(c.example.numel()) for c in calls]) if self.positions else example
             step = torch.repeat_interleave(torch.tensor([p.step for p in pending]), torch.tensor(counts))
             if layer.kind == "embedding" and layer.module.padding_idx is not None:
                 keep = keys != layer.module.padding_idx  # PyTorch gives the padding row no gradient

@@ -1,0 +1,171 @@
+"""Spotlight engine, measured side by side in one run.
+
+    python benchmarks/bench_engine.py [--sizes 1e5,1e6,1e7] [--width 128] [--device cpu|cuda]
+
+1. Roofline: rank one query (`--by attention --group pattern`, top 10) over keys that sit in
+   the page cache, vs a bare torch matrix-vector product over the same keys already in memory.
+   Reported as (bare matvec time) / (rank time): 1.0 means ranking is as fast as the matvec.
+2. Memory: peak RSS of a separate process ranking a synthetic bundle with > 4 GB of keys
+   (by attention, and by effect with example grouping + masses + summary, which also reads
+   values, steps and example ids).
+3. CPU compute dtype: matvec over 1M×width keys stored as float32 / float16 / bfloat16,
+   computed natively vs widened to float32 first.
+4. Batching: `votes` over the whole digits test set (all layers): patterns × queries / s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import write_synthetic  # noqa: E402
+
+from dualtui.bundle import Bundle  # noqa: E402
+from dualtui.engine.spotlight import spotlights  # noqa: E402
+from dualtui.engine.votes import layer_votes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_time(fn, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def roofline(tmp: Path, sizes: list[int], width: int, device: str) -> list[dict]:
+    rows = []
+    for n in sizes:
+        path = write_synthetic(tmp / f"roof-{n}.safetensors", n, in_features=width)
+        b = Bundle.open(path)
+        dev = torch.device(device)
+        rank = lambda: spotlights(b, "fc", [0], top=10, by=["attention"], groups=["pattern"], reverse=[False],  # noqa: E731
+                                  summary=False, masses=False, device=dev)
+        rank()  # warm the page cache
+        t_rank = _median_time(rank)
+        keys = torch.cat([torch.from_numpy(np.array(b.raw(name))) for name in b.pattern_names("fc", "keys")]).to(dev)
+        q = torch.from_numpy(b.array("layer/fc/queries")[0]).to(dev)
+        matvec = lambda: keys @ q  # noqa: E731
+        matvec()
+        t_mv = _median_time(matvec, reps=5)
+        gbytes = keys.numel() * 4 / 1e9
+        rows.append({"patterns": n, "width": width, "keys_GB": gbytes, "rank_s": t_rank, "matvec_s": t_mv,
+                     "ratio": t_mv / t_rank, "rank_GBps": gbytes / t_rank, "matvec_GBps": gbytes / t_mv,
+                     "rank_ns_per_pattern": t_rank / n * 1e9})
+        del keys
+        print(f"  roofline {n:>10,} patterns: rank {t_rank * 1e3:8.1f} ms ({gbytes / t_rank:5.1f} GB/s) | "
+              f"bare matvec {t_mv * 1e3:8.1f} ms ({gbytes / t_mv:5.1f} GB/s) | ratio {t_mv / t_rank:.2f}", flush=True)
+        if n < max(sizes):
+            path.unlink()
+    return rows
+
+
+_RSS_CHILD = r"""
+import json, resource, sys, time
+from dualtui.bundle import Bundle
+from dualtui.engine.spotlight import spotlights
+b = Bundle.open(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+if sys.argv[2] == "attention":
+    spotlights(b, "fc", [0], top=10, by=["attention"], groups=["pattern"], summary=False, masses=False, device="cpu")
+else:
+    spotlights(b, "fc", [0], top=10, by=["effect"], groups=["pattern", "example"], summary=True, masses=True, device="cpu")
+print(json.dumps({"peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_after_import_MB": before / 1024, "seconds": time.perf_counter() - t}))
+"""
+
+
+def memory(path: Path) -> list[dict]:
+    b = Bundle.open(path)
+    keys_gb = sum(b.info(n).end - b.info(n).start for n in b.pattern_names("fc", "keys")) / 1e9
+    file_gb = path.stat().st_size / 1e9
+    rows = []
+    for mode in ("attention", "effect+example+masses+summary"):
+        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path), mode.split("+")[0]], capture_output=True, text=True, check=True)
+        d = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"mode": mode, "keys_GB": keys_gb, "file_GB": file_gb, **d})
+        print(f"  memory ({mode}): keys {keys_gb:.2f} GB, file {file_gb:.2f} GB -> peak RSS {d['peak_rss_MB']:.0f} MB "
+              f"(after imports {d['rss_after_import_MB']:.0f} MB), {d['seconds']:.1f} s", flush=True)
+    return rows
+
+
+def compute_dtype(width: int) -> list[dict]:
+    rows = []
+    keys32 = torch.randn(1_000_000, width)
+    q32 = torch.randn(width)
+    for name, dt in (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        k = keys32.to(dt)
+        native = _median_time(lambda: k @ q32.to(dt))
+        widened = _median_time(lambda: k.float() @ q32)
+        rows.append({"storage": name, "native_ms": native * 1e3, "widen_then_float32_ms": widened * 1e3})
+        print(f"  CPU matvec 1M×{width} stored {name:8}: native {native * 1e3:7.1f} ms | widened to float32 first {widened * 1e3:7.1f} ms", flush=True)
+    return rows
+
+
+def batching() -> list[dict]:
+    rows = []
+    for setting in ("single", "continual"):
+        b = Bundle.open(ROOT / "sample_runs" / f"digits-{setting}.safetensors")
+        for spec in b.manifest.layers:
+            layer_votes(b, spec.name, "cpu")  # warm
+            t = _median_time(lambda: layer_votes(b, spec.name, "cpu"))
+            pq = spec.patterns * b.test_size
+            rows.append({"bundle": setting, "layer": spec.name, "patterns": spec.patterns, "queries": b.test_size,
+                         "seconds": t, "pattern_queries_per_s": pq / t})
+            print(f"  votes digits-{setting} {spec.name}: {spec.patterns:,} patterns × {b.test_size} queries in {t * 1e3:.1f} ms "
+                  f"= {pq / t / 1e6:,.0f} M pattern·queries/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1e5,1e6,1e7")
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tmp", type=Path, default=None, help="where to write synthetic bundles (needs ~6 GB for 1e7)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: roofline,memory,dtype,batching")
+    args = ap.parse_args()
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict = {"device": args.device, "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+        tmp = Path(d)
+        if "roofline" not in skip:
+            print("## roofline: rank one query vs bare matvec over the same keys", flush=True)
+            results["roofline"] = roofline(tmp, sizes, args.width, args.device)
+        if "memory" not in skip and args.device == "cpu":
+            print("## memory: peak RSS ranking a bundle with > 4 GB of keys", flush=True)
+            big = tmp / f"roof-{max(sizes)}.safetensors"
+            if not big.exists() or big.stat().st_size < 4.2e9:
+                big = write_synthetic(tmp / "big.safetensors", 9_000_000, in_features=128)
+            results["memory"] = memory(big)
+    if "dtype" not in skip:
+        print("## compute dtype on CPU", flush=True)
+        results["compute_dtype"] = compute_dtype(args.width)
+    if "batching" not in skip:
+        print("## batching: votes over the digits test set", flush=True)
+        results["batching"] = batching()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
