@@ -94,6 +94,8 @@ class _Layer:
     pending: list["_PendingStep"] = field(default_factory=list)  # applied steps not yet spooled
     pending_bytes: int = 0
     probe: torch.Tensor | None = None  # fixed random directions for the gradient-scale check
+    probe_w: torch.Tensor | None = None  # its weight rows and bias row, contiguous
+    probe_b: torch.Tensor | None = None
     handle: Any = None
 
     @property
@@ -185,8 +187,8 @@ class Recorder:
         self.interrupted: str | None = None
         self._example: torch.Tensor | None = None
         self._auto_example = 0
-        self._labels: dict[int, int] = {}
-        self._tasks_of: dict[int, int] = {}
+        self._labels: list[tuple[torch.Tensor, torch.Tensor]] = []  # (example ids, labels) per batch
+        self._tasks_of: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._train_inputs = train_inputs
         self._train_labels = None if train_labels is None else torch.as_tensor(train_labels).long().cpu()
         self._train_tasks = None if train_tasks is None else torch.as_tensor(train_tasks).long().cpu()
@@ -279,7 +281,7 @@ class Recorder:
                 t = t.expand(ex.numel())
             if t.numel() != ex.numel():
                 raise RecorderError(f"batch(): {t.numel()} {what}s for {ex.numel()} examples")
-            store.update(zip(ex.tolist(), t.tolist()))
+            store.append((ex, t))  # scattered into train/label, train/task at close
         previous = self._example
         self._example = ex
         try:
@@ -310,6 +312,8 @@ class Recorder:
             example, per = self._examples_for(keys.shape[0], layer.name)
             call = _Call(keys, example, per, out_features)
             layer.calls.append(call)
+            # Not output.register_hook: with in-place changes through views of the output
+            # (embeddings plus positions, reshapes) the tensor hook can miss its gradient.
             return _CaptureGrad.apply(output, call)
 
         return hook
@@ -347,12 +351,14 @@ class Recorder:
             gen = torch.Generator(device="cpu").manual_seed(1234)
             rows = layer.spec.out_features if layer.kind == "embedding" else layer.spec.in_features + 1
             layer.probe = torch.randn(rows, 2, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
+            layer.probe_w = layer.probe[:-1].contiguous()
+            layer.probe_b = layer.probe[-1].contiguous()
         if layer.kind == "embedding":
             return w.grad @ layer.probe  # [vocab, 2]
-        actual = w.grad @ layer.probe[:-1]  # [out, 2]
+        actual = w.grad @ layer.probe_w  # [out, 2]
         bias = layer.module.bias
         if layer.spec.bias and bias.grad is not None:
-            actual = actual + bias.grad[:, None] * layer.probe[-1]
+            actual.addr_(bias.grad, layer.probe_b)
         return actual
 
     def _scales(self, layer: _Layer, pending: list[_PendingStep], failures: list[str] | None = None) -> np.ndarray:
@@ -606,9 +612,9 @@ class Recorder:
                 n = max(n, t.numel())
         if self._train_inputs is not None:  # train/input has one row per example: size the tables to match
             n = max(n, len(self._train_inputs))
-        ids = list(self._labels) + list(self._tasks_of)
-        if ids:
-            n = max(n, max(ids) + 1)
+        for ex, _ in self._labels + self._tasks_of:
+            if ex.numel():
+                n = max(n, int(ex.max()) + 1)
         for layer in self.layers.values():
             for chunk in self.writer.iter_chunks(layer.name):
                 if len(chunk["example"]):
@@ -619,10 +625,10 @@ class Recorder:
             labels[: self._train_labels.numel()] = self._train_labels.numpy()
         if self._train_tasks is not None:
             tasks[: self._train_tasks.numel()] = self._train_tasks.numpy()
-        for i, v in self._labels.items():
-            labels[i] = v
-        for i, v in self._tasks_of.items():
-            tasks[i] = v
+        for ex, v in self._labels:  # in order: a later batch's label for an example wins
+            labels[ex.numpy()] = v.numpy()
+        for ex, v in self._tasks_of:
+            tasks[ex.numpy()] = v.numpy()
         out = {"train/label": labels, "train/task": tasks}
         if self._train_inputs is not None:
             out["train/input"] = np.asarray(self._train_inputs.cpu() if isinstance(self._train_inputs, torch.Tensor) else self._train_inputs)
