@@ -220,8 +220,11 @@ def layers(
     as_json: bool = JSON_OPT,
     as_csv: bool = CSV_OPT,
 ) -> None:
-    """Per layer: initial-weight term vs learned term, effective number of attended patterns,
-    top-10/100 share of Σ|α|, and the primal-vs-dual error for this test item."""
+    """Per-layer contributions for one test item: initial weights vs learning.
+
+    Per layer: ‖w0 q + b0‖ vs ‖Σ α v‖, the effective number of attended patterns (Σ|α|)²/Σα²,
+    the share of Σ|α| in the top 10 / top 100 patterns, and the primal-vs-dual error.
+    """
     _check_formats(as_json, as_csv)
     b = _open(bundle)
     m = _test(b, test)
@@ -253,8 +256,11 @@ def votes(
     as_json: bool = JSON_OPT,
     as_csv: bool = CSV_OPT,
 ) -> None:
-    """Over the whole test set, per layer: the training class with the largest Σ|α| (the
-    layer's "vote"), compared with the true label and with the model's prediction."""
+    """Predictive power of attention over the whole test set, per layer.
+
+    A layer's vote is the training class with the largest Σ|α|; it is compared with the true
+    label and with the model's prediction (agreement rates and a 2×2 table).
+    """
     from .engine.votes import layer_votes
 
     _check_formats(as_json, as_csv)

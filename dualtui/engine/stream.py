@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -80,38 +80,88 @@ def stream_blocks(bundle: Bundle, layer: str, fields: Sequence[str], device: tor
     rows = rows or block_rows(bundle, layer)
     host = _host_blocks(bundle, layer, fields, rows)
     if device.type != "cuda":
+        # float16/bfloat16 blocks are widened into one reused float32 buffer per field: a fresh
+        # 32 MB allocation per block costs more in page faults than the matmul itself
+        # (benchmarks/bench_engine.py, "compute dtype"). Block tensors are therefore only
+        # valid until the next block is requested.
+        buffers: dict[str, torch.Tensor] = {}
         for start, ts in host:
-            # float16/bfloat16 matmuls are slow on most CPUs: widen once per block.
-            yield Block(start, {f: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for f, t in ts.items()})
+            out = {}
+            for f, t in ts.items():
+                if t.is_floating_point() and t.dtype != torch.float32:
+                    buf = buffers.get(f)
+                    if buf is None or buf.shape[0] < t.shape[0]:
+                        buf = buffers[f] = torch.empty((max(rows, t.shape[0]),) + tuple(t.shape[1:]), dtype=torch.float32)
+                    t = buf[: t.shape[0]].copy_(t)
+                out[f] = t
+            yield Block(start, out)
         return
     yield from _cuda_blocks(host, device)
 
 
-def _cuda_blocks(host: Iterator[tuple[int, dict[str, torch.Tensor]]], device: torch.device) -> Iterator[Block]:
-    copy_stream = torch.cuda.Stream(device=device)
+class CudaTransfer:
+    """Host-to-GPU copies on a side stream, so the next block moves while this one computes."""
 
-    def launch(item: tuple[int, dict[str, torch.Tensor]]) -> tuple[int, dict[str, torch.Tensor], torch.cuda.Event]:
-        start, ts = item
-        out = {}
-        with torch.cuda.stream(copy_stream):
-            for f, t in ts.items():
-                pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                pinned.copy_(t)
-                out[f] = pinned.to(device, non_blocking=True)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def pinned(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def copy_async(self, host: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        with torch.cuda.stream(self.stream):
+            on_device = host.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
-            event.record(copy_stream)
+            event.record(self.stream)
+        return on_device, event
+
+    def compute_waits(self, event: Any, tensors: list[torch.Tensor]) -> None:
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in tensors:
+            t.record_stream(current)  # the caching allocator must not recycle them early
+
+    def host_waits(self, event: Any) -> None:
+        event.synchronize()
+
+
+def overlapped_blocks(host: Iterator[tuple[int, dict[str, torch.Tensor]]], transfer: Any) -> Iterator[Block]:
+    """Double-buffered transfer: block i+1 is staged in pinned memory and its copy launched
+    before block i is handed to the caller. Two pinned buffers per field are reused, and a
+    buffer is refilled only after the copy that last read it has finished."""
+    pinned: dict[tuple[str, int], torch.Tensor] = {}
+    last_event: dict[int, Any] = {}
+
+    def launch(item: tuple[int, dict[str, torch.Tensor]], slot: int) -> tuple[int, dict[str, torch.Tensor], Any]:
+        start, ts = item
+        if slot in last_event:
+            transfer.host_waits(last_event[slot])
+        out, event = {}, None
+        for f, t in ts.items():
+            buf = pinned.get((f, slot))
+            if buf is None or buf.shape[0] < t.shape[0] or buf.dtype != t.dtype:
+                buf = pinned[(f, slot)] = transfer.pinned(tuple(t.shape), t.dtype)
+            staged = buf[: t.shape[0]]
+            staged.copy_(t)
+            out[f], event = transfer.copy_async(staged)
+        last_event[slot] = event
         return start, out, event
 
+    slot = 0
     nxt = next(host, None)
-    pending = launch(nxt) if nxt is not None else None
+    pending = launch(nxt, slot) if nxt is not None else None
     while pending is not None:
         start, ts, event = pending
         nxt = next(host, None)
-        pending = launch(nxt) if nxt is not None else None  # overlaps with the compute below
-        torch.cuda.current_stream(device).wait_event(event)
-        for t in ts.values():
-            t.record_stream(torch.cuda.current_stream(device))
+        slot ^= 1
+        pending = launch(nxt, slot) if nxt is not None else None  # overlaps with the caller's compute
+        transfer.compute_waits(event, list(ts.values()))
         yield Block(start, {f: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for f, t in ts.items()})
+
+
+def _cuda_blocks(host: Iterator[tuple[int, dict[str, torch.Tensor]]], device: torch.device) -> Iterator[Block]:
+    yield from overlapped_blocks(host, CudaTransfer(device))
 
 
 def gather_rows(bundle: Bundle, layer: str, field: str, indices: np.ndarray) -> np.ndarray:

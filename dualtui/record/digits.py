@@ -66,15 +66,18 @@ def load_digits_split(setting: str, seed: int = 0, test_fraction: float = 0.2) -
     )
 
 
-def batch_schedule(setting: str, tasks: torch.Tensor, epochs: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """The example ids of every minibatch, in training order."""
+def batch_schedule(setting: str, tasks: torch.Tensor, epochs: int, batch_size: int, gen: torch.Generator) -> tuple[list[torch.Tensor], list[int]]:
+    """The example ids of every minibatch in training order, and the step count at the end
+    of each epoch (of each task's epochs, in `continual`)."""
     phases = [torch.arange(len(tasks))] if setting != "continual" else [torch.nonzero(tasks == k).flatten() for k in (0, 1)]
-    batches = []
+    batches: list[torch.Tensor] = []
+    epoch_ends: list[int] = []
     for pool in phases:
         for _ in range(epochs):
             order = pool[torch.randperm(len(pool), generator=gen)]
             batches.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
-    return batches
+            epoch_ends.append(len(batches))
+    return batches, epoch_ends
 
 
 @dataclass
@@ -100,10 +103,12 @@ def record_digits(
     seed: int = 0,
     record: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
 ) -> DigitsResult:
     """Train on digits (recording the dual form unless record=False) and write the bundle.
 
     `epochs` counts passes over each task's data (so `continual` trains epochs per task).
+    `on_epoch(epoch, model, optimizer)` runs after each epoch (e.g. to save checkpoints).
     """
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
@@ -112,7 +117,7 @@ def record_digits(
     model = DigitsMLP(hidden)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    batches = batch_schedule(setting, data.task_train, epochs, batch_size, gen)
+    batches, epoch_ends = batch_schedule(setting, data.task_train, epochs, batch_size, gen)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(batches), eta_min=lr * 0.1)
     rec = None
     if record:
@@ -123,6 +128,9 @@ def record_digits(
             storage_dtype=storage_dtype, clip_norm=clip_norm,
             train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
             training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
+                      "epoch_end_steps": epoch_ends,
+                      # continual: the steps [start, end) spent on each task, for marking task boundaries
+                      **({"task_phases": [[0, epoch_ends[epochs - 1]], [epoch_ends[epochs - 1], len(batches)]]} if setting == "continual" else {}),
                       "dataset": "sklearn digits 8x8", "schedule": "cosine", "clip_norm": clip_norm, "seed": seed},
             extra={"experiment": {"name": "digits", "setting": setting, "hidden": hidden,
                                   "command": f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"}},
@@ -142,6 +150,8 @@ def record_digits(
             sched.step()
             if on_step:
                 on_step(s + 1, len(batches))
+            if on_epoch and s + 1 in epoch_ends:
+                on_epoch(epoch_ends.index(s + 1) + 1, model, opt)
     except KeyboardInterrupt:
         interrupted = True
         if rec:
