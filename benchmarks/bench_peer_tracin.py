@@ -23,6 +23,9 @@ for test items at the last Linear layer (`net.4`, 32→10):
      pred       cross-entropy with the model's prediction passed as the target,
      pred-logit test_loss_fn = −(predicted-class logit): the test gradient is then −e_pred,
                 i.e. exactly −g, dualtui's query gradient at this layer.
+   and, for `--setting continual`, the label and pred-logit variants "phase-aware": one
+   TracInCPFast per task phase, each training example scored only with the checkpoints of the
+   phase that trained it (plain TracInCP credits it with the other phase's checkpoints too).
 
 What differs mathematically (score of training example i for test item m):
   dualtui   effect_i = Σ_{t: example(t)=i} (k_t·q_m + 1) (v_t·g_m)     (exact, no checkpoints)
@@ -33,8 +36,9 @@ What differs mathematically (score of training example i for test item m):
             w0). Summed over all examples plus the initial-weight term it equals the logit.
   TracInCPFast  Σ_c lr_c (x_i^c·x_m^c) (∇_y L(x_i, y_i)^c · ∇_y L_test(x_m)^c)
             over per-epoch checkpoints c: features and gradients are re-evaluated at each
-            checkpoint for every example (not at the step it was actually used), momentum is
-            ignored, the layer bias is ignored (no +1), and by default the test gradient is that
+            checkpoint for every example (not at the step it was actually used), every example
+            is credited with every checkpoint (also ones from a phase that never trained it, as in
+            `continual`), momentum is ignored, the layer bias is ignored (no +1), and by default the test gradient is that
             of the cross-entropy of the test item's *label* (the last element of `inputs`), not
             of the predicted logit.
 """
@@ -127,14 +131,13 @@ def make_tracin(ckpts, x_train, y_train, test_loss_fn=None, batch_size: int | No
 
 # ----------------------------------------------------------------------------- dualtui side
 def dualtui_full(bundle: Bundle, tests: list[int]) -> np.ndarray:
-    """[len(tests), N] effect sums per training example, read off a top=N ranking."""
-    n = bundle.train_size
-    res = spotlights(bundle, LAYER, tests, by=["effect"], groups=["example"], reverse=[False], top=n,
-                     summary=False, masses=False, device="cpu")
-    out = np.full((len(tests), n), np.nan)
-    for j, sp in enumerate(res):
-        for r in sp.ranked[KEY]:
-            out[j, r.example] = r.effect
+    """[len(tests), N] effect sums per training example (the engine's dense output).
+
+    Examples never trained on have no patterns and get NaN, as they have no score."""
+    res = spotlights(bundle, LAYER, tests, by=["effect"], groups=[], reverse=[False], top=0,
+                     summary=False, masses=False, device="cpu", dense_examples=True)
+    out = np.stack([sp.example_scores["effect"] for sp in res])
+    out[:, res[0].example_patterns == 0] = np.nan
     return out
 
 
@@ -245,7 +248,7 @@ def main() -> None:
         pred = logits.argmax(-1)
         pred_bundle = bundle.array("test/prediction")
         res["final_checkpoint_predictions_match_bundle"] = float((pred.numpy() == pred_bundle).mean())
-        pred_t = torch.from_numpy(np.asarray(pred_bundle)).long()
+        pred_t = torch.from_numpy(np.array(pred_bundle, dtype=np.int64))
         correct = pred_bundle == data.y_test.numpy()
         res["test_accuracy"] = float(correct.mean())
 
@@ -320,6 +323,16 @@ def main() -> None:
             "pred": tracin["label"].influence((data.x_test, pred_t)).double().numpy(),
             "pred-logit": tracin["pred-logit"].influence((data.x_test, pred_t)).double().numpy(),
         }
+        if args.setting == "continual":
+            # TracInCP credits every training example with every checkpoint, also those of the
+            # phase in which it was not trained. Phase-aware: one TracInCPFast per task phase,
+            # each example scored only with the checkpoints of the phase that trained it.
+            E = args.epochs
+            task_tr = data.task_train.numpy()[None, :]
+            for name, loss, target in (("label", None, data.y_test), ("pred-logit", neg_pred_logit, pred_t)):
+                parts = [make_tracin(ck, data.x_train, data.y_train, test_loss_fn=loss).influence((data.x_test, target))
+                         .double().numpy() for ck in (ckpts[:E], ckpts[E:])]
+                C[f"{name}, phase-aware"] = np.where(task_tr == 0, parts[0], parts[1])
         # pairs of Captum variants too: how much of the disagreement is the test loss alone
         agree: dict = {}
         for name, Cm in C.items():
@@ -397,6 +410,13 @@ def report(res: dict, top: int) -> None:
         the lr at the checkpoint) vs dualtui's exact per-step record (the example's input and loss
         gradient at the step it was trained, momentum and the lr schedule folded in, the final
         model's query), and Captum ignoring the bias (+1 in dualtui's attention)."""))
+    if res["setting"] == "continual":
+        print(textwrap.dedent("""\
+            continual: TracInCP scores every training example at every checkpoint, including the
+            checkpoints of the other task's phase, when that example was not trained at all; dualtui
+            only has patterns for the steps that used the example. ', phase-aware' runs one
+            TracInCPFast per phase (its own checkpoints) and scores each example with the one
+            for the phase that trained it."""))
 
 
 if __name__ == "__main__":

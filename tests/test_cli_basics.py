@@ -30,7 +30,7 @@ def test_help_does_not_import_torch() -> None:
     assert "torch" not in mods
 
 
-@pytest.mark.parametrize("module", ["dualtui.bundle", "dualtui.engine.verify", "dualtui.record"])
+@pytest.mark.parametrize("module", ["dualtui.bundle", "dualtui.engine", "dualtui.engine.verify", "dualtui.engine.spotlight", "dualtui.engine.votes", "dualtui.record", "dualtui.cli"])
 def test_core_never_imports_textual(module: str) -> None:
     mods = _modules_after(f"import {module}")
     assert "textual" not in mods

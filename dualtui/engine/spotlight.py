@@ -24,8 +24,10 @@ from .topk import RunningTopK, top_of_dense
 SCORES = ("attention", "magnitude", "effect")
 GROUPS = ("pattern", "example")
 DEFAULT_STEP_BINS = 20
-# Queries scored together in one pass; bounds the [examples, queries] accumulators.
-QUERY_BATCH = 64
+# Queries scored together in one pass: as many as keep the float64 [examples, queries]
+# accumulators (three scores) within ACCUMULATOR_BYTES, and at most QUERY_BATCH.
+QUERY_BATCH = 1024
+ACCUMULATOR_BYTES = 256 << 20
 
 
 @dataclass
@@ -89,6 +91,10 @@ class Spotlight:
     summary: LayerSummary | None = None
     masses: Masses | None = None
     ranked: dict[tuple[str, str, bool], list[Ranked]] = field(default_factory=dict)  # (by, group, reverse)
+    # With dense_examples=True: every training example's summed score, {score: [N]} (float64),
+    # and how many patterns each example has at this layer.
+    example_scores: dict[str, np.ndarray] | None = None
+    example_patterns: np.ndarray | None = None
 
 
 @dataclass
@@ -145,9 +151,11 @@ def spotlights(
     step_bins: int = DEFAULT_STEP_BINS,
     device: str | torch.device = "auto",
     rows: int | None = None,
+    dense_examples: bool = False,
 ) -> list[Spotlight]:
     """Score every pattern of `layer` for each test item in `tests`, in one pass per batch of
-    queries. Returns one Spotlight per test item, with the requested rankings."""
+    queries. Returns one Spotlight per test item, with the requested rankings (and, with
+    dense_examples=True, every training example's summed scores as arrays)."""
     tests = check_tests(bundle, tests)
     dev = device if isinstance(device, torch.device) else pick_device(device)
     for b in by:
@@ -157,15 +165,16 @@ def spotlights(
         if g not in GROUPS:
             raise ValueError(f"unknown grouping {g!r}; choose from {', '.join(GROUPS)}")
     out: list[Spotlight] = []
-    for lo in range(0, len(tests), QUERY_BATCH):
-        out.extend(_spotlight_batch(bundle, layer, tests[lo : lo + QUERY_BATCH], top, tuple(by), tuple(groups),
-                                    tuple(reverse), summary, masses, step_bins, dev, rows))
+    per_batch = max(1, min(QUERY_BATCH, ACCUMULATOR_BYTES // (3 * 8 * max(bundle.train_size, 1))))
+    for lo in range(0, len(tests), per_batch):
+        out.extend(_spotlight_batch(bundle, layer, tests[lo : lo + per_batch], top, tuple(by), tuple(groups),
+                                    tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples))
     return out
 
 
 def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by: tuple[str, ...],
                      groups: tuple[str, ...], reverse: tuple[bool, ...], want_summary: bool, want_masses: bool,
-                     step_bins: int, dev: torch.device, rows: int | None) -> list[Spotlight]:
+                     step_bins: int, dev: torch.device, rows: int | None, dense_examples: bool = False) -> list[Spotlight]:
     spec = bundle.layer_spec(layer)
     emb = spec.kind == "embedding"
     M = len(tests)
@@ -175,7 +184,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
     q = torch.from_numpy(np.ascontiguousarray(q_np)).to(dev)
     q = q.long() if emb else q.float()
     g = torch.from_numpy(np.ascontiguousarray(g_np)).to(dev)
-    by_example = "example" in groups
+    by_example = "example" in groups or dense_examples
     need_values = want_summary or want_masses or by_example or any(b != "attention" for b in by)
     need_example = want_masses or by_example
     fields = ["keys"] + (["values"] if need_values else []) + (["example"] if need_example else []) + (["step"] if want_masses else [])
@@ -247,8 +256,14 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
     if pattern_topk:
         _fill_pattern_ranks(bundle, layer, results, pattern_topk, q_np, g_np)
     if by_example:
-        _fill_example_ranks(bundle, results, {s: t.cpu().numpy() for s, t in ex_sums.items()}, ex_count.cpu().numpy(),
-                            by, reverse, top)
+        sums = {s: t.cpu().numpy() for s, t in ex_sums.items()}
+        count = ex_count.cpu().numpy()
+        if "example" in groups:
+            _fill_example_ranks(bundle, results, sums, count, by, reverse, top)
+        if dense_examples:
+            for j, res in enumerate(results):
+                res.example_scores = {s: sums[s][:, j].copy() for s in SCORES}
+                res.example_patterns = count
     return results
 
 

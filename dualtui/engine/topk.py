@@ -62,6 +62,13 @@ class RunningTopK:
 
 def top_of_dense(scores: np.ndarray, k: int, reverse: bool = False) -> np.ndarray:
     """Indices of the k largest (reverse: smallest) entries, ties broken by the lower index."""
-    idx = np.arange(len(scores))
-    order = np.lexsort((idx, scores if reverse else -scores))
-    return order[:k]
+    key = scores if reverse else -scores  # ascending key = best first
+    n = len(key)
+    if k < n // 4:
+        # Partition first: only the candidates at or above the k-th value get sorted (ties kept).
+        kth = np.partition(key, k - 1)[k - 1] if k > 0 else -np.inf
+        cand = np.nonzero(key <= kth)[0]
+    else:
+        cand = np.arange(n)
+    order = np.lexsort((cand, key[cand]))
+    return cand[order[:k]]
