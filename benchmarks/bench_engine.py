@@ -57,7 +57,7 @@ def roofline(tmp: Path, sizes: list[int], width: int, device: str) -> list[dict]
         rank = lambda: spotlights(b, "fc", [0], top=10, by=["attention"], groups=["pattern"], reverse=[False],  # noqa: E731
                                   summary=False, masses=False, device=dev)
         rank()  # warm the page cache
-        t_rank = _median_time(rank)
+        t_rank = _median_time(rank, reps=5)
         keys = torch.cat([torch.from_numpy(np.array(b.raw(name))) for name in b.pattern_names("fc", "keys")]).to(dev)
         q = torch.from_numpy(b.array("layer/fc/queries")[0]).to(dev)
         matvec = lambda: keys @ q  # noqa: E731
@@ -103,6 +103,23 @@ def memory(path: Path) -> list[dict]:
         rows.append({"mode": mode, "keys_GB": keys_gb, "file_GB": file_gb, **d})
         print(f"  memory ({mode}): keys {keys_gb:.2f} GB, file {file_gb:.2f} GB -> peak RSS {d['peak_rss_MB']:.0f} MB "
               f"(after imports {d['rss_after_import_MB']:.0f} MB), {d['seconds']:.1f} s", flush=True)
+    return rows
+
+
+def storage_rank(tmp: Path, width: int) -> list[dict]:
+    """What users get: ranking 1M patterns stored in each dtype (the stream widens float16 /
+    bfloat16 blocks into a reused float32 buffer), side by side."""
+    rows = []
+    for st in ("F32", "F16", "BF16"):
+        path = write_synthetic(tmp / f"dtype-{st}.safetensors", 1_000_000, in_features=width, storage=st)
+        b = Bundle.open(path)
+        rank = lambda: spotlights(b, "fc", [0], top=10, by=["attention"], groups=["pattern"], reverse=[False],  # noqa: E731
+                                  summary=False, masses=False, device="cpu")
+        rank()
+        t = _median_time(rank, reps=5)
+        rows.append({"storage": st, "rank_ms": t * 1e3, "file_MB": path.stat().st_size / 1e6})
+        print(f"  rank 1M×{width} stored {st:4}: {t * 1e3:7.1f} ms (file {path.stat().st_size / 1e6:6.0f} MB)", flush=True)
+        path.unlink()
     return rows
 
 
@@ -160,6 +177,8 @@ def main() -> None:
     if "dtype" not in skip:
         print("## compute dtype on CPU", flush=True)
         results["compute_dtype"] = compute_dtype(args.width)
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            results["storage_rank"] = storage_rank(Path(d), args.width)
     if "batching" not in skip:
         print("## batching: votes over the digits test set", flush=True)
         results["batching"] = batching()
