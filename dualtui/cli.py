@@ -265,6 +265,26 @@ def record_digits_cmd(
     err.print(f"wrote {result.path} ({result.steps} steps)")
 
 
+@app.command("open")
+@handles_errors
+def open_cmd(
+    bundle: Path = typer.Argument(..., help="A .safetensors bundle or a sharded .safetensors.index.json."),
+    test: int = typer.Option(0, "--test", "-t", help="Test item to start on."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer to start on (default: the last)."),
+) -> None:
+    """Browse a run in the terminal: test items, ranked training patterns, layers, tasks and time."""
+    b = _open(bundle)  # an invalid bundle is a one-line error (exit 3) before any screen appears
+    names = b.manifest.layer_names
+    if layer is not None and layer not in names:
+        raise UsageError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
+    if not 0 <= test < max(b.test_size, 1) or b.test_size == 0:
+        raise UsageError(f"test index {test} out of range; valid: 0..{b.test_size - 1}" if b.test_size else "the bundle has no test items")
+    from .tui.app import DualtuiApp
+    from .tui.model import OpenRun
+
+    DualtuiApp(OpenRun(b), test=test, layer=layer).run()
+
+
 # The scripted spotlight commands register themselves on `app`.
 from . import cli_spotlight  # noqa: E402,F401
 

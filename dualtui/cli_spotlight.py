@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from enum import Enum
 from pathlib import Path
@@ -62,16 +61,9 @@ def _device(name: Device) -> Any:
 
 
 def _write_csv(rows: list[dict]) -> None:
-    if not rows:
-        return
-    fields: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in fields:
-                fields.append(k)
-    w = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
+    from .engine.report import csv_text
+
+    sys.stdout.write(csv_text(rows))
 
 
 def _check_formats(as_json: bool, as_csv: bool) -> None:
@@ -85,17 +77,12 @@ def _fmt(x: float) -> str:
 
 # ----------------------------------------------------------------------------- rank
 def rank_json(bundle: Any, layer: str, test: int, by: str, group: str, reverse: bool, top: int, device: Any) -> dict:
+    from .engine.report import ranking_dict
     from .engine.spotlight import spotlights
 
     res = spotlights(bundle, layer, [test], top=top, by=[by], groups=[group], reverse=[reverse],
                      summary=False, masses=False, device=device)[0]
-    label = int(bundle.array("test/label")[test])
-    pred = int(bundle.array("test/prediction")[test])
-    return {
-        "test": test, "layer": layer, "by": by, "group": group, "reverse": reverse,
-        "test_label": label, "test_prediction": pred, "test_task": int(bundle.array("test/task")[test]),
-        "results": [r.to_json() for r in res.ranked[(by, group, reverse)]],
-    }
+    return ranking_dict(bundle, res, by, group, reverse)
 
 
 @app.command()

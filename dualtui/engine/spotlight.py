@@ -12,7 +12,7 @@ size patterns × queries is ever materialised beyond one block.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ DEFAULT_STEP_BINS = 20
 # accumulators (three scores) within ACCUMULATOR_BYTES, and at most QUERY_BATCH.
 QUERY_BATCH = 1024
 ACCUMULATOR_BYTES = 256 << 20
+
+
+class Cancelled(Exception):
+    """Raised inside a pass when its `cancel()` callback says the result is no longer wanted."""
 
 
 @dataclass
@@ -152,10 +156,13 @@ def spotlights(
     device: str | torch.device = "auto",
     rows: int | None = None,
     dense_examples: bool = False,
+    cancel: Callable[[], bool] | None = None,
 ) -> list[Spotlight]:
     """Score every pattern of `layer` for each test item in `tests`, in one pass per batch of
     queries. Returns one Spotlight per test item, with the requested rankings (and, with
-    dense_examples=True, every training example's summed scores as arrays)."""
+    dense_examples=True, every training example's summed scores as arrays). `cancel` is polled
+    between blocks; when it returns True the pass stops with `Cancelled` (the TUI uses it to
+    drop a computation the user has moved on from)."""
     tests = check_tests(bundle, tests)
     dev = device if isinstance(device, torch.device) else pick_device(device)
     for b in by:
@@ -168,13 +175,14 @@ def spotlights(
     per_batch = max(1, min(QUERY_BATCH, ACCUMULATOR_BYTES // (3 * 8 * max(bundle.train_size, 1))))
     for lo in range(0, len(tests), per_batch):
         out.extend(_spotlight_batch(bundle, layer, tests[lo : lo + per_batch], top, tuple(by), tuple(groups),
-                                    tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples))
+                                    tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples, cancel))
     return out
 
 
 def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by: tuple[str, ...],
                      groups: tuple[str, ...], reverse: tuple[bool, ...], want_summary: bool, want_masses: bool,
-                     step_bins: int, dev: torch.device, rows: int | None, dense_examples: bool = False) -> list[Spotlight]:
+                     step_bins: int, dev: torch.device, rows: int | None, dense_examples: bool = False,
+                     cancel: Callable[[], bool] | None = None) -> list[Spotlight]:
     spec = bundle.layer_spec(layer)
     emb = spec.kind == "embedding"
     M = len(tests)
@@ -206,6 +214,8 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
     learned = torch.zeros(M, spec.out_features, dtype=f64, device=dev)
 
     for block in stream_blocks(bundle, layer, fields, dev, rows or block_rows(bundle, layer, M)):
+        if cancel is not None and cancel():
+            raise Cancelled()
         k = block.tensors["keys"]
         if emb:
             alpha = (k[:, None] == q[None, :]).float()  # [n, M]

@@ -1,0 +1,43 @@
+"""Plain-data views of engine results, shared by `dualtui rank --json` and the TUI's export,
+so a ranking exported from the app is byte-for-byte what the CLI prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..bundle.reader import Bundle
+from .spotlight import Spotlight
+
+
+def ranking_dict(bundle: Bundle, spot: Spotlight, by: str, group: str, reverse: bool) -> dict[str, Any]:
+    test = spot.test
+    return {
+        "test": test,
+        "layer": spot.layer,
+        "by": by,
+        "group": group,
+        "reverse": reverse,
+        "test_label": int(bundle.array("test/label")[test]),
+        "test_prediction": int(bundle.array("test/prediction")[test]),
+        "test_task": int(bundle.array("test/task")[test]),
+        "results": [r.to_json() for r in spot.ranked[(by, group, reverse)]],
+    }
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """CSV with a header of every key in first-seen order (the CLI's and the app's format)."""
+    import csv
+    import io
+
+    if not rows:
+        return ""
+    fields: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return out.getvalue()

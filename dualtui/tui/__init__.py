@@ -1,0 +1,1 @@
+"""The Textual app behind `dualtui open` (the engine and bundle code never import this)."""

@@ -1,0 +1,209 @@
+"""`dualtui open`: browse which training patterns a prediction leans on, layer by layer."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import Footer, TabbedContent, TabPane
+from textual.worker import get_current_worker
+
+from ..engine.report import csv_text, ranking_dict
+from ..engine.spotlight import SCORES, Cancelled, Spotlight
+from .commands import DualtuiCommands
+from .help import HelpScreen
+from .messages import TestChosen
+from .model import OpenRun
+from .panes.layers import LayersPane
+from .panes.overview import OverviewPane
+from .panes.spotlight import SpotlightPane
+from .panes.tasks import TasksPane
+from .panes.tests import TestsPane
+
+VIEWS = ("overview", "tests", "spotlight", "layers", "tasks")
+# Test items whose spotlights stay cached, so going back is instant.
+CACHE_TESTS = 16
+
+
+class DualtuiApp(App[None]):
+    CSS_PATH = "dualtui.tcss"
+    TITLE = "dualtui"
+    COMMANDS = App.COMMANDS | {DualtuiCommands}
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="app.quit"),
+        Binding("question_mark", "help", "Help", id="app.help"),
+        Binding("1", "view('overview')", "Overview", show=False, id="view.overview"),
+        Binding("2", "view('tests')", "Tests", show=False, id="view.tests"),
+        Binding("3", "view('spotlight')", "Spotlight", show=False, id="view.spotlight"),
+        Binding("4", "view('layers')", "Layers", show=False, id="view.layers"),
+        Binding("5", "view('tasks')", "Tasks", show=False, id="view.tasks"),
+        Binding("b", "cycle_by", "Score", id="spot.by"),
+        Binding("g", "toggle_group", "Group", id="spot.group"),
+        Binding("r", "toggle_reverse", "Reverse", id="spot.reverse"),
+        Binding("left_square_bracket", "layer(-1)", "Layer−", id="spot.layer_prev"),
+        Binding("right_square_bracket", "layer(1)", "Layer+", id="spot.layer_next"),
+        Binding("n", "step_test(1)", "Next", id="spot.next_test"),
+        Binding("p", "step_test(-1)", "Prev", id="spot.prev_test"),
+        Binding("x", "export('csv')", "CSV", id="export.csv"),
+        Binding("j", "export('json')", "JSON", id="export.json"),
+        Binding("s", "svg", "SVG", id="export.svg"),
+    ]
+
+    def __init__(self, run: OpenRun, *, test: int = 0, layer: str | None = None, view: str = "spotlight",
+                 export_dir: Path | None = None):
+        super().__init__()
+        self.run = run
+        self.test = test
+        self.layer = layer or run.layers[-1]
+        self.by = "attention"
+        self.group = "pattern"
+        self.reverse = False
+        self.start_view = view
+        self.export_dir = export_dir or Path.cwd()
+        self.results: dict[str, Spotlight] = {}
+        self._cache: OrderedDict[int, dict[str, Spotlight]] = OrderedDict()
+        self._generation = 0
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        with TabbedContent(initial=self.start_view, id="views"):
+            with TabPane("1 Overview", id="overview"):
+                yield OverviewPane(self.run, id="overview-pane")
+            with TabPane("2 Tests", id="tests"):
+                yield TestsPane(self.run, id="tests-pane")
+            with TabPane("3 Spotlight", id="spotlight"):
+                yield SpotlightPane(self.run, id="spotlight-pane")
+            with TabPane("4 Layers", id="layers"):
+                yield LayersPane(self.run, id="layers-pane")
+            with TabPane("5 Tasks & time", id="tasks"):
+                yield TasksPane(self.run, id="tasks-pane")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = str(self.run.bundle.path)
+        self.compute()
+
+    # ------------------------------------------------------------------ state
+    def set_state(self, **changes: object) -> None:
+        """Change by / group / reverse / layer / test and refresh what depends on it."""
+        test_changed = "test" in changes and changes["test"] != self.test
+        for key, value in changes.items():
+            setattr(self, key, value)
+        if test_changed:
+            self.compute()
+        elif "layer" in changes and self.layer not in self.results:
+            self.compute()
+        else:
+            self.refresh_views()
+
+    def refresh_views(self) -> None:
+        for pane in (SpotlightPane, LayersPane, TasksPane):
+            self.query_one(pane).update_view(self)
+
+    def compute(self) -> None:
+        """Spotlights for the current test item: the current layer first, then the others."""
+        self._generation += 1
+        cached = self._cache.get(self.test)
+        self.results = dict(cached) if cached else {}
+        self.refresh_views()
+        missing = [self.layer] + [L for L in self.run.layers if L != self.layer]
+        missing = [L for L in missing if L not in self.results]
+        if missing:
+            self._compute_worker(self.test, missing, self._generation)
+
+    @work(thread=True, exclusive=True, group="spotlight", exit_on_error=False)
+    def _compute_worker(self, test: int, layers: list[str], generation: int) -> None:
+        worker = get_current_worker()
+
+        def stale() -> bool:  # the user moved on: stop between blocks
+            return worker.is_cancelled or generation != self._generation
+
+        for layer in layers:
+            try:
+                spot = self.run.compute(test, layer, cancel=stale)
+            except Cancelled:
+                return
+            except Exception as e:  # shown, never a crash: the app stays usable
+                self.call_from_thread(self.notify, f"spotlight of test {test} at {layer} failed: {e}", severity="error",
+                                      timeout=10)
+                return
+            if stale():
+                return
+            self.call_from_thread(self._layer_ready, test, layer, spot, generation)
+
+    def _layer_ready(self, test: int, layer: str, spot: Spotlight, generation: int) -> None:
+        cached = self._cache.setdefault(test, {})
+        cached[layer] = spot
+        self._cache.move_to_end(test)
+        while len(self._cache) > CACHE_TESTS:
+            self._cache.popitem(last=False)
+        if generation == self._generation and test == self.test:
+            self.results[layer] = spot
+            self.refresh_views()
+
+    # ------------------------------------------------------------------ actions
+    def action_view(self, view: str) -> None:
+        self.query_one("#views", TabbedContent).active = view
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self.refresh_views()  # panes size their bars to the width they now have
+
+    def action_cycle_by(self) -> None:
+        self.set_state(by=SCORES[(SCORES.index(self.by) + 1) % len(SCORES)])
+
+    def action_toggle_group(self) -> None:
+        self.set_state(group="example" if self.group == "pattern" else "pattern")
+
+    def action_toggle_reverse(self) -> None:
+        self.set_state(reverse=not self.reverse)
+
+    def action_layer(self, delta: int) -> None:
+        layers = self.run.layers
+        self.set_state(layer=layers[(layers.index(self.layer) + delta) % len(layers)])
+
+    def action_step_test(self, delta: int) -> None:
+        self.set_state(test=(self.test + delta) % self.run.test_size)
+
+    def on_test_chosen(self, message: TestChosen) -> None:
+        self.set_state(test=message.index)
+        self.action_view("spotlight")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def export_path(self, ext: str) -> Path:
+        name = f"dualtui-test{self.test}-{self.layer}-{self.by}-{self.group}{'-reverse' if self.reverse else ''}.{ext}"
+        return self.export_dir / name
+
+    def action_export(self, fmt: str) -> None:
+        spot = self.results.get(self.layer)
+        if spot is None:
+            self.notify("the spotlight is still being computed", severity="warning")
+            return
+        d = ranking_dict(self.run.bundle, spot, self.by, self.group, self.reverse)
+        path = self.export_path(fmt)
+        try:
+            path.write_text(json.dumps(d, indent=2) + "\n" if fmt == "json" else csv_text(d["results"]))
+        except OSError as e:
+            self.notify(f"could not write {path}: {e.strerror or e}", severity="error")
+            return
+        self.notify(f"wrote {path}")
+
+    def action_svg(self) -> None:
+        try:
+            path = self.save_screenshot(path=str(self.export_dir))
+        except OSError as e:
+            self.notify(f"could not save the screenshot: {e.strerror or e}", severity="error")
+            return
+        self.notify(f"wrote {path}")
+
+
+def run_app(bundle_path: Path, test: int = 0, layer: str | None = None) -> None:
+    from ..bundle import Bundle
+
+    app = DualtuiApp(OpenRun(Bundle.open(bundle_path)), test=test, layer=layer)
+    app.run()

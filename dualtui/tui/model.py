@@ -1,0 +1,140 @@
+"""What the app shows, computed with the same engine calls as the CLI (no Textual here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..bundle.reader import Bundle
+from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, pattern_scores, spotlights
+from ..engine.stream import gather_rows
+
+# Rows of the ranking the app asks the engine for (both ends, every score and grouping).
+TOP = 100
+
+
+@dataclass
+class TestItem:
+    index: int
+    label: int
+    prediction: int
+    task: int
+
+    @property
+    def correct(self) -> bool:
+        return self.label == self.prediction
+
+
+@dataclass
+class LayerScore:
+    """A selected training pattern (or example) seen from one layer."""
+
+    layer: str
+    attention: float
+    magnitude: float
+    effect: float
+    exact_pattern: bool  # True: the same pattern (step, example) exists here; else example sums
+
+
+class OpenRun:
+    """A bundle opened for browsing, with the lookups the views need."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        m = bundle.manifest
+        self.layers = m.layer_names
+        self.tasks = m.tasks
+        self.classes = m.classes
+        self.test_label = bundle.array("test/label")
+        self.test_prediction = bundle.array("test/prediction")
+        self.test_task = bundle.array("test/task")
+        self.train_label = bundle.array("train/label")
+        self.train_task = bundle.array("train/task")
+
+    # ----------------------------------------------------------------- names
+    def class_name(self, i: int) -> str:
+        return self.classes[i] if 0 <= i < len(self.classes) else str(i)
+
+    def task_name(self, i: int) -> str:
+        return self.tasks[i] if 0 <= i < len(self.tasks) else str(i)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test_label)
+
+    def test_item(self, m: int) -> TestItem:
+        return TestItem(m, int(self.test_label[m]), int(self.test_prediction[m]), int(self.test_task[m]))
+
+    def test_items(self, task: int | None = None, correct: bool | None = None) -> np.ndarray:
+        """Indices of test items passing the filters."""
+        keep = np.ones(self.test_size, dtype=bool)
+        if task is not None:
+            keep &= self.test_task == task
+        if correct is not None:
+            keep &= (self.test_label == self.test_prediction) == correct
+        return np.nonzero(keep)[0]
+
+    # ----------------------------------------------------------------- previews
+    @property
+    def input_kind(self) -> str:
+        return str(self.bundle.manifest.input.get("kind", "vector"))
+
+    def test_input(self, m: int) -> np.ndarray | None:
+        return self.bundle.array("test/input", m, m + 1)[0] if self.bundle.has("test/input") else None
+
+    def train_input(self, e: int) -> np.ndarray | None:
+        return self.bundle.array("train/input", e, e + 1)[0] if self.bundle.has("train/input") else None
+
+    def vocab(self) -> list[str] | None:
+        v = self.bundle.manifest.input.get("vocab")
+        return list(v) if isinstance(v, list) else None
+
+    # ----------------------------------------------------------------- training time
+    def total_steps(self) -> int:
+        from ..engine.spotlight import total_steps
+
+        return total_steps(self.bundle, self.layers[0])
+
+    def task_boundaries(self) -> list[tuple[int, str]]:
+        """(step, task name) where each training phase starts, when the manifest says."""
+        phases = self.bundle.manifest.training.get("task_phases")
+        out = []
+        if isinstance(phases, list):
+            for k, ph in enumerate(phases):
+                if isinstance(ph, (list, tuple)) and len(ph) == 2:
+                    out.append((int(ph[0]), self.task_name(k)))
+        return out
+
+    # ----------------------------------------------------------------- spotlights
+    def compute(self, test: int, layer: str, cancel: Callable[[], bool] | None = None) -> Spotlight:
+        """Everything the app shows for one test item at one layer: one engine pass."""
+        return spotlights(self.bundle, layer, [test], top=TOP, by=SCORES, groups=GROUPS, reverse=(False, True),
+                          summary=True, masses=True, dense_examples=True, cancel=cancel)[0]
+
+    def across_layers(self, test: int, row: Ranked, group: str, results: dict[str, Spotlight]) -> list[LayerScore]:
+        """The selected pattern's (or example's) scores at every computed layer."""
+        out = []
+        q_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for layer in self.layers:
+            spot = results.get(layer)
+            if spot is None:
+                continue
+            if group == "pattern" and row.pattern is not None and row.pattern < self.bundle.layer_spec(layer).patterns:
+                idx = np.array([row.pattern])
+                same = (int(gather_rows(self.bundle, layer, "step", idx)[0]) == row.step
+                        and int(gather_rows(self.bundle, layer, "example", idx)[0]) == row.example)
+                if same:  # layers recorded in the same forward passes share pattern indices
+                    if layer not in q_cache:
+                        q_cache[layer] = (self.bundle.array(f"layer/{layer}/queries")[test],
+                                          self.bundle.array(f"layer/{layer}/query_grad")[test])
+                    q, g = q_cache[layer]
+                    sc = pattern_scores(self.bundle, layer, idx, q, g)
+                    out.append(LayerScore(layer, float(sc["attention"][0]), float(sc["magnitude"][0]), float(sc["effect"][0]), True))
+                    continue
+            if spot.example_scores is not None:
+                e = row.example
+                out.append(LayerScore(layer, float(spot.example_scores["attention"][e]), float(spot.example_scores["magnitude"][e]),
+                                      float(spot.example_scores["effect"][e]), False))
+        return out

@@ -1,0 +1,55 @@
+"""Per-layer contributions for the current test item, as bars."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Group
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from ..model import OpenRun
+
+if TYPE_CHECKING:
+    from ..app import DualtuiApp
+
+
+class LayersPane(VerticalScroll):
+    def __init__(self, run: OpenRun, **kw):
+        super().__init__(**kw)
+        self.run = run
+        self._shown_for: "DualtuiApp | None" = None
+
+    def compose(self):
+        yield Static(id="layers-body")
+
+    def on_resize(self) -> None:
+        if self._shown_for is not None:
+            self.update_view(self._shown_for)  # bars are sized to the pane's width
+
+    def update_view(self, app: "DualtuiApp") -> None:
+        self._shown_for = app
+        from ..render import bar_table
+
+        width = max(40, (self.size.width or 80) - 4)
+        parts = [Text(f"test {app.test}: how much of each layer's output comes from the initial weights vs from learning",
+                      style="bold")]
+        for L in self.run.layers:
+            spot = app.results.get(L)
+            parts.append(Text(f"\n{L}", style="bold cyan"))
+            if spot is None:
+                parts.append(Text("computing…", style="yellow"))
+                continue
+            s = spot.summary
+            norm_max = max(s.initial_norm, s.learned_norm, 1e-30)
+            parts.append(bar_table([("‖w0 q + b0‖ initial", s.initial_norm), ("‖Σ α v‖ learned", s.learned_norm)], width,
+                                   value_format="{:.4g}", max_value=norm_max, style="magenta"))
+            parts.append(bar_table([("learned share", s.learned_share),
+                                    ("effective patterns", s.effective_patterns / max(s.patterns, 1)),
+                                    ("top-10 share", s.top10_share), ("top-100 share", s.top100_share)],
+                                   width, max_value=1.0))
+            parts.append(Text(f"effective patterns (Σ|α|)²/Σα² = {s.effective_patterns:,.1f} of {s.patterns:,} · "
+                              "top-k share = share of Σ|α| in the k largest |α| · "
+                              f"primal−dual error {s.primal_dual_error:.1e}", style="dim"))
+        self.query_one("#layers-body", Static).update(Group(*parts))

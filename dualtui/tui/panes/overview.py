@@ -1,0 +1,94 @@
+"""Run overview: the manifest at a glance, and `verify` per layer computed in a worker."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import DataTable, ProgressBar, Static
+from textual.worker import get_current_worker
+
+from ..model import OpenRun
+
+_DT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+class OverviewPane(VerticalScroll):
+    def __init__(self, run: OpenRun, **kw):
+        super().__init__(**kw)
+        self.run = run
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="overview-text")
+        yield DataTable(id="overview-layers", cursor_type="row")
+        yield ProgressBar(id="verify-progress", total=len(self.run.layers), show_eta=False)
+        yield Static(id="verify-status")
+
+    def on_mount(self) -> None:
+        b = self.run.bundle
+        m = b.manifest
+        t = Text()
+        t.append(f"{b.path}", style="bold")
+        t.append(f"   format v{m.version} · {_size(b.size_bytes)}" + (f" in {len(b.files)} shards" if b.sharded else "") + "\n")
+        t.append(f"train examples {b.train_size:,} · test items {b.test_size:,} · input {self.run.input_kind}\n")
+        t.append(f"tasks ({len(m.tasks)}): ", style="bold")
+        t.append(", ".join(m.tasks) + "\n")
+        t.append(f"classes ({len(m.classes)}): ", style="bold")
+        t.append(", ".join(m.classes[:24]) + (" …" if len(m.classes) > 24 else "") + "\n")
+        if m.optimizer:
+            t.append("optimizer: ", style="bold")
+            t.append(", ".join(f"{k}={v}" for k, v in m.optimizer.items() if v not in (None, False, 0, 0.0)) + "\n")
+        if m.training:
+            t.append("training: ", style="bold")
+            t.append(", ".join(f"{k}={v}" for k, v in m.training.items() if not isinstance(v, (list, dict))))
+        self.query_one("#overview-text", Static).update(t)
+        table = self.query_one("#overview-layers", DataTable)
+        table.add_columns("layer", "kind", "in → out", "patterns", "storage", "size", "verify")
+        for spec in m.layers:
+            nbytes = sum(b.info(n).end - b.info(n).start for n in b.tensor_names if n.startswith(f"layer/{spec.name}/"))
+            table.add_row(spec.name, spec.kind, f"{spec.in_features} → {spec.out_features}", f"{spec.patterns:,}",
+                          _DT.get(b.storage_dtype(spec.name), "?"), _size(nbytes), "…", key=spec.name)
+        self.query_one("#verify-status", Static).update("verifying primal == dual …")
+        self.verify()
+
+    @work(thread=True, group="verify", exclusive=True, exit_on_error=False)
+    def verify(self) -> None:
+        from ...bundle.errors import BundleError
+        from ...engine.verify import verify_layer
+
+        worker = get_current_worker()
+        try:
+            self.run.bundle.validate_contents()
+        except BundleError as e:
+            self.app.call_from_thread(self._status, Text(f"invalid bundle: {e.detail}", style="bold red"))
+            return
+        failed = 0
+        for i, name in enumerate(self.run.layers):
+            if worker.is_cancelled:
+                return
+            check = verify_layer(self.run.bundle, name)
+            failed += not check.ok
+            cell = Text(f"{'ok' if check.ok else 'FAIL'}  {check.weight_max_abs_error:.1e} ≤ {check.tolerance:.1e}",
+                        style="green" if check.ok else "bold red")
+            self.app.call_from_thread(self._cell, name, cell, i + 1)
+        msg = Text("primal == dual for every layer", style="green") if not failed else Text(
+            f"{failed} layer(s) out of tolerance", style="bold red")
+        self.app.call_from_thread(self._status, msg)
+
+    def _cell(self, layer: str, cell: Text, done: int) -> None:
+        table = self.query_one("#overview-layers", DataTable)
+        table.update_cell(layer, table.ordered_columns[-1].key, cell, update_width=True)
+        self.query_one("#verify-progress", ProgressBar).update(progress=done)
+
+    def _status(self, msg: Text) -> None:
+        self.query_one("#verify-status", Static).update(msg)
+        self.query_one("#verify-progress", ProgressBar).display = False

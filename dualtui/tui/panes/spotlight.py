@@ -1,0 +1,83 @@
+"""The main view: a test item, the training patterns its layer attends to, and the selected
+pattern next to it with its scores at every layer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Static
+
+from ...engine.spotlight import Ranked
+from ..messages import RowSelected
+from ..model import OpenRun
+from ..widgets.preview import Preview
+from ..widgets.ranking_table import RankingTable, fmt
+
+if TYPE_CHECKING:
+    from ..app import DualtuiApp
+
+
+class SpotlightPane(Horizontal):
+    def __init__(self, run: OpenRun, **kw):
+        super().__init__(**kw)
+        self.run = run
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="spot-side"):
+            yield Preview(self.run, id="spot-test")
+            yield Preview(self.run, id="spot-train")
+            yield Static(id="spot-across")
+        with Vertical(id="spot-main"):
+            yield Static(id="spot-header")
+            yield RankingTable(self.run, id="spot-table")
+
+    def update_view(self, app: "DualtuiApp") -> None:
+        m, L = app.test, app.layer
+        it = self.run.test_item(m)
+        cap = Text(f"test {m} · label {self.run.class_name(it.label)} · predicted {self.run.class_name(it.prediction)}",
+                   style="bold" if it.correct else "bold red")
+        self.query_one("#spot-test", Preview).show(self.run.test_input(m), cap)
+        header = Text()
+        header.append(f"layer {L}", style="bold")
+        header.append(f" ({self.run.layers.index(L) + 1}/{len(self.run.layers)})  ·  by ")
+        header.append(app.by, style="bold cyan")
+        header.append("  ·  per ")
+        header.append(app.group, style="bold cyan")
+        header.append("  ·  ")
+        header.append("lowest first" if app.reverse else "highest first", style="bold cyan")
+        spot = app.results.get(L)
+        table = self.query_one("#spot-table", RankingTable)
+        if spot is None:
+            header.append("   computing…", style="yellow")
+            table.loading = True
+        else:
+            table.loading = False
+            s = spot.summary
+            header.append(f"\n{s.patterns:,} patterns · learned share {s.learned_share:.0%} · "
+                          f"effective patterns {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.1e}", style="dim")
+            table.show(spot.ranked[(app.by, app.group, app.reverse)], app.group)
+        self.query_one("#spot-header", Static).update(header)
+
+    def on_row_selected(self, event: RowSelected) -> None:
+        self.show_selected(event.row)
+
+    def show_selected(self, row: Ranked | None) -> None:
+        app = self.app
+        train = self.query_one("#spot-train", Preview)
+        across = self.query_one("#spot-across", Static)
+        if row is None:
+            train.clear("")
+            across.update("")
+            return
+        what = f"pattern {row.pattern} · step {row.step}" if app.group == "pattern" else f"{row.patterns} patterns"
+        cap = Text(f"#{row.rank} example {row.example} · label {self.run.class_name(row.label)} · {what}", style="bold")
+        train.show(self.run.train_input(row.example), cap, highlight=row.position)
+        scores = self.run.across_layers(app.test, row, app.group, app.results)
+        t = Table("layer", "attention", "effect", box=None, pad_edge=False, title="at every layer", title_justify="left")
+        for sc in scores:
+            t.add_row(sc.layer + ("" if sc.exact_pattern or app.group == "example" else " Σ"), fmt(sc.attention), fmt(sc.effect))
+        across.update(t)

@@ -1,0 +1,88 @@
+"""Test items: label, prediction, correct/wrong, task; filters, jump by index, preview."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Input, Select, Static
+
+from ..messages import TestChosen
+from ..model import OpenRun
+from ..widgets.preview import Preview
+
+# Rows put in the table at once: a DataTable gets slow with tens of thousands of rows; the
+# filters and the jump box reach the rest.
+PAGE = 1000
+
+
+class TestsPane(Horizontal):
+    def __init__(self, run: OpenRun, **kw):
+        super().__init__(**kw)
+        self.run = run
+        self.shown: list[int] = []
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="tests-left"):
+            with Horizontal(id="tests-filters"):
+                yield Select([(name, i) for i, name in enumerate(self.run.tasks)], prompt="all tasks", id="filter-task")
+                yield Select([("correct", True), ("wrong", False)], prompt="all items", id="filter-correct")
+                yield Input(placeholder="jump to #", id="jump", type="integer")
+            yield Static(id="tests-count")
+            yield DataTable(id="tests-table", cursor_type="row", zebra_stripes=True)
+        with Vertical(id="tests-right"):
+            yield Preview(self.run, id="tests-preview")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#tests-table", DataTable)
+        table.add_columns("#", "label", "predicted", "", "task")
+        self.fill()
+
+    def fill(self) -> None:
+        task = self.query_one("#filter-task", Select).value
+        correct = self.query_one("#filter-correct", Select).value
+        # An empty Select holds a sentinel, not None: anything that is not a choice means "all".
+        idx = self.run.test_items(task if isinstance(task, int) and not isinstance(task, bool) else None,
+                                  correct if isinstance(correct, bool) else None)
+        table = self.query_one("#tests-table", DataTable)
+        table.clear()
+        self.shown = [int(i) for i in idx[:PAGE]]
+        for i in self.shown:
+            it = self.run.test_item(i)
+            mark = Text("✓", style="green") if it.correct else Text("✗", style="bold red")
+            table.add_row(str(i), self.run.class_name(it.label), self.run.class_name(it.prediction), mark,
+                          self.run.task_name(it.task), key=str(i))
+        more = f" (first {PAGE}; jump to reach the rest)" if len(idx) > PAGE else ""
+        wrong = int(sum(not self.run.test_item(i).correct for i in idx))
+        self.query_one("#tests-count", Static).update(f"{len(idx):,} test items, {wrong:,} wrong{more} · Enter: spotlight")
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        self.fill()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id != "tests-table" or event.row_key is None or event.row_key.value is None:
+            return
+        self.preview(int(event.row_key.value))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "tests-table" and event.row_key.value is not None:
+            event.stop()
+            self.post_message(TestChosen(int(event.row_key.value)))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        try:
+            m = int(event.value)
+        except ValueError:
+            m = -1
+        if not 0 <= m < self.run.test_size:
+            self.app.notify(f"no test item {event.value!r}: valid 0..{self.run.test_size - 1}", severity="error")
+            return
+        event.input.value = ""
+        self.post_message(TestChosen(m))
+
+    def preview(self, m: int) -> None:
+        it = self.run.test_item(m)
+        cap = Text(f"test {m}  label {self.run.class_name(it.label)}  predicted {self.run.class_name(it.prediction)}",
+                   style="bold" if it.correct else "bold red")
+        self.query_one("#tests-preview", Preview).show(self.run.test_input(m), cap)

@@ -1,0 +1,61 @@
+"""One preview widget for every input kind: half-block images, text windows, vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Group, RenderableType
+from rich.text import Text
+from textual.widget import Widget
+
+from ..model import OpenRun
+
+
+class Preview(Widget):
+    """Shows one test item or training example as a person would recognise it."""
+
+    DEFAULT_CSS = """
+    Preview { height: auto; min-height: 3; }
+    """
+
+    def __init__(self, run: OpenRun, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self.run = run
+        self.pixels: np.ndarray | None = None
+        self.caption = Text("")
+        self.highlight: int | None = None
+        self.max_rows = 8
+
+    def show(self, data: np.ndarray | None, caption: Text | str, highlight: int | None = None) -> None:
+        self.pixels = data
+        self.caption = caption if isinstance(caption, Text) else Text(caption)
+        self.highlight = highlight
+        self.refresh(layout=True)
+
+    def clear(self, caption: str = "") -> None:
+        self.show(None, caption)
+
+    def _body(self, width: int) -> RenderableType:
+        from ..render import image_halfblock, sparkline, text_window
+
+        data = self.pixels
+        if data is None:
+            return Text("(no preview)", style="dim")
+        kind = self.run.input_kind
+        if kind == "image":
+            return image_halfblock(np.asarray(data), max_width=max(4, width), max_height=self.max_rows)
+        if kind == "text":
+            vocab = self.run.vocab() or []
+            ids = np.asarray(data).reshape(-1)
+            tokens = [vocab[i] if 0 <= i < len(vocab) else "?" for i in ids.tolist()]
+            return text_window(tokens, self.highlight, width=max(8, width))
+        flat = np.asarray(data, dtype=np.float64).reshape(-1)
+        return Text(sparkline(flat, max(4, min(width, 60))))
+
+    def render(self) -> RenderableType:
+        width = max(4, self.size.width or 24)
+        return Group(self.caption, self._body(width))
+
+    def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
+        body = self._body(max(4, width))
+        lines = len(body.plain.split("\n")) if isinstance(body, Text) else 1
+        return lines + max(1, len(self.caption.plain.split("\n")))
