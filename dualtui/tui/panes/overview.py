@@ -22,6 +22,10 @@ def _size(n: float) -> str:
     return ""
 
 
+def _short(v: object) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 class OverviewPane(VerticalScroll):
     def __init__(self, run: OpenRun, **kw):
         super().__init__(**kw)
@@ -46,10 +50,10 @@ class OverviewPane(VerticalScroll):
         t.append(", ".join(m.classes[:24]) + (" …" if len(m.classes) > 24 else "") + "\n")
         if m.optimizer:
             t.append("optimizer: ", style="bold")
-            t.append(", ".join(f"{k}={v}" for k, v in m.optimizer.items() if v not in (None, False, 0, 0.0)) + "\n")
+            t.append(", ".join(f"{k}={_short(v)}" for k, v in m.optimizer.items() if v not in (None, False, 0, 0.0)) + "\n")
         if m.training:
             t.append("training: ", style="bold")
-            t.append(", ".join(f"{k}={v}" for k, v in m.training.items() if not isinstance(v, (list, dict))))
+            t.append(", ".join(f"{k}={_short(v)}" for k, v in m.training.items() if not isinstance(v, (list, dict)) and v is not None))
         self.query_one("#overview-text", Static).update(t)
         table = self.query_one("#overview-layers", DataTable)
         table.add_columns("layer", "kind", "in → out", "patterns", "storage", "size", "verify")

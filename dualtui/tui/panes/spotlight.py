@@ -42,12 +42,12 @@ class SpotlightPane(Horizontal):
                    style="bold" if it.correct else "bold red")
         self.query_one("#spot-test", Preview).show(self.run.test_input(m), cap)
         header = Text()
-        header.append(f"layer {L}", style="bold")
-        header.append(f" ({self.run.layers.index(L) + 1}/{len(self.run.layers)})  ·  by ")
+        header.append(L, style="bold")
+        header.append(f" ({self.run.layers.index(L) + 1}/{len(self.run.layers)}) · ")
         header.append(app.by, style="bold cyan")
-        header.append("  ·  per ")
+        header.append(" · per ")
         header.append(app.group, style="bold cyan")
-        header.append("  ·  ")
+        header.append(" · ")
         header.append("lowest first" if app.reverse else "highest first", style="bold cyan")
         spot = app.results.get(L)
         table = self.query_one("#spot-table", RankingTable)
@@ -57,8 +57,8 @@ class SpotlightPane(Horizontal):
         else:
             table.loading = False
             s = spot.summary
-            header.append(f"\n{s.patterns:,} patterns · learned share {s.learned_share:.0%} · "
-                          f"effective patterns {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.1e}", style="dim")
+            header.append(f"\n{s.patterns:,} patterns · learned {s.learned_share:.0%} · "
+                          f"effective {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.0e}", style="dim")
             table.show(spot.ranked[(app.by, app.group, app.reverse)], app.group)
         self.query_one("#spot-header", Static).update(header)
 

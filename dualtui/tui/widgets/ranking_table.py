@@ -15,7 +15,7 @@ def fmt(x: float) -> str:
 
 
 class RankingTable(DataTable):
-    """Rank, score, attention, magnitude, effect, step, example, label, task."""
+    """Rank, score, example, label, task, step (or patterns), attention, magnitude, effect."""
 
     def __init__(self, run: OpenRun, **kw):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
@@ -28,14 +28,14 @@ class RankingTable(DataTable):
         self.ranked_rows = rows
         self.group = group
         self.clear(columns=True)
-        if group == "pattern":
-            self.add_columns("rank", "score", "attention", "magnitude", "effect", "step", "example", "label", "task")
-        else:
-            self.add_columns("rank", "score", "attention", "magnitude", "effect", "patterns", "example", "label", "task")
+        # Who the pattern is comes first: at 80 columns the three raw scores scroll off, the
+        # identity of the training example should not.
+        middle = "step" if group == "pattern" else "patterns"
+        self.add_columns("rank", "score", "example", "label", "task", middle, "attention", "magnitude", "effect")
         for r in rows:
-            middle = str(r.step) if group == "pattern" else str(r.patterns)
-            self.add_row(str(r.rank), fmt(r.score), fmt(r.attention), fmt(r.magnitude), fmt(r.effect), middle,
-                         str(r.example), self.run.class_name(r.label), self.run.task_name(r.task))
+            mid = str(r.step) if group == "pattern" else str(r.patterns)
+            self.add_row(str(r.rank), fmt(r.score), str(r.example), self.run.class_name(r.label), self.run.task_name(r.task),
+                         mid, fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
         if rows:
             self.move_cursor(row=min(keep_cursor, len(rows) - 1))
         self.post_message(RowSelected(self.selected))
