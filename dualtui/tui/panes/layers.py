@@ -4,35 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.text import Text
-from textual.containers import VerticalScroll
-from textual.widgets import Static
 
-from ..model import OpenRun
+from .base import RenderedPane
 
 if TYPE_CHECKING:
     from ..app import DualtuiApp
 
 
-class LayersPane(VerticalScroll):
-    def __init__(self, run: OpenRun, **kw):
-        super().__init__(**kw)
-        self.run = run
-        self._shown_for: "DualtuiApp | None" = None
-
-    def compose(self):
-        yield Static(id="layers-body")
-
-    def on_resize(self) -> None:
-        if self._shown_for is not None:
-            self.update_view(self._shown_for)  # bars are sized to the pane's width
-
-    def update_view(self, app: "DualtuiApp") -> None:
-        self._shown_for = app
+class LayersPane(RenderedPane):
+    def build(self, app: "DualtuiApp") -> RenderableType:
         from ..render import bar_table
 
-        width = max(40, (self.size.width or 80) - 4)
+        width = self.bar_width
         parts = [Text(f"test {app.test}: how much of each layer's output comes from the initial weights vs from learning",
                       style="bold")]
         for L in self.run.layers:
@@ -52,4 +37,4 @@ class LayersPane(VerticalScroll):
             parts.append(Text(f"effective patterns (Σ|α|)²/Σα² = {s.effective_patterns:,.1f} of {s.patterns:,} · "
                               "top-k share = share of Σ|α| in the k largest |α| · "
                               f"primal−dual error {s.primal_dual_error:.1e}", style="dim"))
-        self.query_one("#layers-body", Static).update(Group(*parts))
+        return Group(*parts)

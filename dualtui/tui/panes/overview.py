@@ -11,15 +11,8 @@ from textual.worker import get_current_worker
 
 from ..model import OpenRun
 
-_DT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
+from ...units import DTYPE_NAMES as _DT
+from ...units import human_bytes as _size
 
 
 def _short(v: object) -> str:

@@ -6,35 +6,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.text import Text
-from textual.containers import VerticalScroll
-from textual.widgets import Static
 
-from ..model import OpenRun
+from .base import RenderedPane
 
 if TYPE_CHECKING:
     from ..app import DualtuiApp
 
 
-class TasksPane(VerticalScroll):
-    def __init__(self, run: OpenRun, **kw):
-        super().__init__(**kw)
-        self.run = run
-        self._shown_for: "DualtuiApp | None" = None
-
-    def compose(self):
-        yield Static(id="tasks-body")
-
-    def on_resize(self) -> None:
-        if self._shown_for is not None:
-            self.update_view(self._shown_for)  # bars are sized to the pane's width
-
-    def update_view(self, app: "DualtuiApp") -> None:
-        self._shown_for = app
+class TasksPane(RenderedPane):
+    def build(self, app: "DualtuiApp") -> RenderableType:
         from ..render import bar_table, column_chart
 
-        width = max(40, (self.size.width or 80) - 4)
+        width = self.bar_width
         parts = [Text(f"test {app.test}: share of Σ|α| by task, by training class, and over training steps", style="bold")]
         spot = app.results.get(app.layer)
         if spot is not None and spot.masses is not None:
@@ -60,4 +45,4 @@ class TasksPane(VerticalScroll):
             parts.append(Text(f"\n{app.layer}: by training class", style="bold cyan"))
             parts.append(bar_table([(self.run.class_name(i), v / total) for i, v in enumerate(ms.class_abs_sum)], width,
                                    style="green"))
-        self.query_one("#tasks-body", Static).update(Group(*parts))
+        return Group(*parts)
