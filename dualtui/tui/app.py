@@ -41,6 +41,7 @@ class DualtuiApp(App[None]):
         Binding("3", "view('spotlight')", "Spotlight", show=False, id="view.spotlight"),
         Binding("4", "view('layers')", "Layers", show=False, id="view.layers"),
         Binding("5", "view('tasks')", "Tasks", show=False, id="view.tasks"),
+        Binding("number_sign", "jump", "Jump", show=False, id="tests.jump"),
         Binding("b", "cycle_by", "Score", id="spot.by"),
         Binding("g", "toggle_group", "Group", id="spot.group"),
         Binding("r", "toggle_reverse", "Reverse", id="spot.reverse"),
@@ -56,7 +57,7 @@ class DualtuiApp(App[None]):
     def __init__(self, run: OpenRun, *, test: int = 0, layer: str | None = None, view: str = "spotlight",
                  export_dir: Path | None = None):
         super().__init__()
-        self.run = run
+        self.open_run = run  # not `self.run`: that would shadow App.run()
         self.test = test
         self.layer = layer or run.layers[-1]
         self.by = "attention"
@@ -72,19 +73,19 @@ class DualtuiApp(App[None]):
     def compose(self) -> ComposeResult:
         with TabbedContent(initial=self.start_view, id="views"):
             with TabPane("1 Overview", id="overview"):
-                yield OverviewPane(self.run, id="overview-pane")
+                yield OverviewPane(self.open_run, id="overview-pane")
             with TabPane("2 Tests", id="tests"):
-                yield TestsPane(self.run, id="tests-pane")
+                yield TestsPane(self.open_run, id="tests-pane")
             with TabPane("3 Spotlight", id="spotlight"):
-                yield SpotlightPane(self.run, id="spotlight-pane")
+                yield SpotlightPane(self.open_run, id="spotlight-pane")
             with TabPane("4 Layers", id="layers"):
-                yield LayersPane(self.run, id="layers-pane")
+                yield LayersPane(self.open_run, id="layers-pane")
             with TabPane("5 Tasks & time", id="tasks"):
-                yield TasksPane(self.run, id="tasks-pane")
+                yield TasksPane(self.open_run, id="tasks-pane")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = str(self.run.bundle.path)
+        self.sub_title = str(self.open_run.bundle.path)
         self.compute()
 
     # ------------------------------------------------------------------ state
@@ -110,7 +111,7 @@ class DualtuiApp(App[None]):
         cached = self._cache.get(self.test)
         self.results = dict(cached) if cached else {}
         self.refresh_views()
-        missing = [self.layer] + [L for L in self.run.layers if L != self.layer]
+        missing = [self.layer] + [L for L in self.open_run.layers if L != self.layer]
         missing = [L for L in missing if L not in self.results]
         if missing:
             self._compute_worker(self.test, missing, self._generation)
@@ -124,7 +125,7 @@ class DualtuiApp(App[None]):
 
         for layer in layers:
             try:
-                spot = self.run.compute(test, layer, cancel=stale)
+                spot = self.open_run.compute(test, layer, cancel=stale)
             except Cancelled:
                 return
             except Exception as e:  # shown, never a crash: the app stays usable
@@ -162,15 +163,22 @@ class DualtuiApp(App[None]):
         self.set_state(reverse=not self.reverse)
 
     def action_layer(self, delta: int) -> None:
-        layers = self.run.layers
+        layers = self.open_run.layers
         self.set_state(layer=layers[(layers.index(self.layer) + delta) % len(layers)])
 
     def action_step_test(self, delta: int) -> None:
-        self.set_state(test=(self.test + delta) % self.run.test_size)
+        self.set_state(test=(self.test + delta) % self.open_run.test_size)
 
     def on_test_chosen(self, message: TestChosen) -> None:
         self.set_state(test=message.index)
+        # Drop focus first: focus left on a widget of the hidden Tests tab would bring that tab back.
+        self.screen.set_focus(None)
         self.action_view("spotlight")
+        self.call_after_refresh(self.query_one("#spot-table").focus)
+
+    def action_jump(self) -> None:
+        self.action_view("tests")
+        self.call_after_refresh(self.query_one("#jump").focus)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -184,7 +192,7 @@ class DualtuiApp(App[None]):
         if spot is None:
             self.notify("the spotlight is still being computed", severity="warning")
             return
-        d = ranking_dict(self.run.bundle, spot, self.by, self.group, self.reverse)
+        d = ranking_dict(self.open_run.bundle, spot, self.by, self.group, self.reverse)
         path = self.export_path(fmt)
         try:
             path.write_text(json.dumps(d, indent=2) + "\n" if fmt == "json" else csv_text(d["results"]))

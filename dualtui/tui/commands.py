@@ -27,7 +27,7 @@ class DualtuiCommands(Provider):
         ]
         for score in ("attention", "magnitude", "effect"):
             out.append((f"score: {score}", partial(app.set_state, by=score), ""))
-        for layer in app.run.layers:
+        for layer in app.open_run.layers:
             out.append((f"layer: {layer}", partial(app.set_state, layer=layer), ""))
         return out
 
