@@ -68,6 +68,7 @@ class DualtuiApp(App[None]):
         self.results: dict[str, Spotlight] = {}
         self._cache: OrderedDict[int, dict[str, Spotlight]] = OrderedDict()
         self._generation = 0
+        self.focus_ranking_pending = False
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -174,7 +175,9 @@ class DualtuiApp(App[None]):
         # Drop focus first: focus left on a widget of the hidden Tests tab would bring that tab back.
         self.screen.set_focus(None)
         self.action_view("spotlight")
-        self.call_after_refresh(self.query_one("#spot-table").focus)
+        # A table still loading cannot take focus: the pane focuses it when its rows arrive.
+        self.focus_ranking_pending = True
+        self.call_after_refresh(self.refresh_views)
 
     def action_jump(self) -> None:
         self.action_view("tests")

@@ -60,6 +60,9 @@ class SpotlightPane(Horizontal):
             header.append(f"\n{s.patterns:,} patterns · learned {s.learned_share:.0%} · "
                           f"effective {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.0e}", style="dim")
             table.show(spot.ranked[(app.by, app.group, app.reverse)], app.group)
+            if app.focus_ranking_pending:
+                app.focus_ranking_pending = False
+                table.focus()
         self.query_one("#spot-header", Static).update(header)
 
     def on_row_selected(self, event: RowSelected) -> None:

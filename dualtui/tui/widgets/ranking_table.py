@@ -31,11 +31,18 @@ class RankingTable(DataTable):
         # Who the pattern is comes first: at 80 columns the three raw scores scroll off, the
         # identity of the training example should not.
         middle = "step" if group == "pattern" else "patterns"
-        self.add_columns("rank", "score", "example", "label", "task", middle, "attention", "magnitude", "effect")
-        for r in rows:
-            mid = str(r.step) if group == "pattern" else str(r.patterns)
-            self.add_row(str(r.rank), fmt(r.score), str(r.example), self.run.class_name(r.label), self.run.task_name(r.task),
-                         mid, fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
+        labels = ("rank", "score", "example", "label", "task", middle, "attention", "magnitude", "effect")
+        cells = [
+            (str(r.rank), fmt(r.score), str(r.example), self.run.class_name(r.label), self.run.task_name(r.task),
+             str(r.step) if group == "pattern" else str(r.patterns), fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
+            for r in rows
+        ]
+        # Explicit widths: a frame drawn before the table's own resize would otherwise clip
+        # cells to the header's width ("digits 5-9" as "digi").
+        for i, label in enumerate(labels):
+            self.add_column(label, width=max([len(label)] + [len(c[i]) for c in cells]))
+        for c in cells:
+            self.add_row(*c)
         if rows:
             self.move_cursor(row=min(keep_cursor, len(rows) - 1))
         self.post_message(RowSelected(self.selected))
