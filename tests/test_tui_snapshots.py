@@ -1,0 +1,91 @@
+"""SVG snapshots of `dualtui open` (pytest-textual-snapshot): every tab, and the spotlight
+after `g` and `g r`, at 80×24 and 120×40, on sample_runs/digits-continual.safetensors.
+
+Deterministic: every worker (spotlights, verify) has finished before the screenshot, the
+Input's cursor does not blink, and the bundle is opened by its path relative to the
+repository, which is what the overview shows (no machine-specific absolute path).
+
+Update after an intended change of the layout with
+    python -m pytest tests/test_tui_snapshots.py --snapshot-update
+and look at the SVGs in tests/__snapshots__/test_tui_snapshots/ before committing them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytest_textual_snapshot", reason="pip install -e '.[test]' (pytest-textual-snapshot)")
+
+from textual.app import App  # noqa: E402
+from textual.widgets import DataTable, Input  # noqa: E402
+
+from dualtui.bundle import Bundle  # noqa: E402
+from dualtui.tui.app import DualtuiApp  # noqa: E402
+from dualtui.tui.model import OpenRun  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = Path("sample_runs") / "digits-continual.safetensors"  # relative: the overview prints it
+
+TABS = {"1": "overview", "2": "tests", "3": "spotlight", "4": "layers", "5": "tasks"}
+SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
+VIEWS = {
+    "overview": ("1",),
+    "tests": ("2",),
+    "spotlight": ("3",),
+    "layers": ("4",),
+    "tasks": ("5",),
+    "spotlight-by-example": ("3", "g"),
+    "spotlight-by-example-reversed": ("3", "g", "r"),
+}
+
+
+def _tables_pending(app: App) -> bool:
+    """A DataTable sizes its columns to new rows only when it next goes idle; until then a
+    screenshot shows columns as wide as their labels (e.g. the task column cut to "digi")."""
+    return any(getattr(t, "_require_update_dimensions", False) or getattr(t, "_updated_cells", None)
+               for t in app.query(DataTable))
+
+
+async def settle(pilot) -> None:
+    app = pilot.app
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    for field in app.query(Input):
+        field.cursor_blink = False
+    # pilot.pause() waits for "idle" by a CPU-time heuristic, which a busy machine defeats:
+    # wait for the tables themselves (seen flaking under load without this).
+    for _ in range(200):
+        await pilot.pause()
+        if not _tables_pending(app):
+            break
+    # Cells drawn before that Idle stay cached at the old column widths (the ranking's columns
+    # now have explicit widths, see test_ranking_columns_fit_their_cells_after_a_refresh; the
+    # tests list and the overview still size theirs on Idle): drop the caches so the snapshot
+    # shows the settled layout whatever the timing.
+    for table in app.query(DataTable):
+        getattr(table, "_clear_caches", lambda: None)()
+        table.refresh()
+    await pilot.pause()
+
+
+@pytest.fixture
+def dualtui_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DualtuiApp:
+    monkeypatch.chdir(ROOT)
+    run = OpenRun(Bundle.open(BUNDLE))
+    assert str(run.bundle.path) == str(BUNDLE)
+    return DualtuiApp(run, export_dir=tmp_path)
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+@pytest.mark.parametrize("size", list(SIZES))
+def test_snapshot(snap_compare, dualtui_app: DualtuiApp, size: str, view: str) -> None:
+    async def run_before(pilot) -> None:
+        await settle(pilot)  # the spotlights of every layer and the verify worker
+        for key in VIEWS[view]:
+            await pilot.press(key)
+            await settle(pilot)
+        assert pilot.app.query_one("#views").active == TABS[VIEWS[view][0]]
+
+    assert snap_compare(dualtui_app, terminal_size=SIZES[size], run_before=run_before)
