@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,10 @@ class Tmux:
     """One tmux server of our own (its own socket), so nothing else's sessions are touched."""
 
     def __init__(self) -> None:
-        self.socket = f"dualtui-test-{os.getpid()}-{time.monotonic_ns()}"
+        # A socket of our own in a short temporary folder (a Unix socket path has ~100 bytes),
+        # removed in close(): tmux leaves its socket file behind after kill-server.
+        self.folder = tempfile.mkdtemp(prefix="dualtui-tmux-")
+        self.socket = os.path.join(self.folder, "socket")
         self.session = "dualtui"
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -55,7 +59,7 @@ class Tmux:
         # terminal libraries putenv them: under pytest the pane saw COLUMNS=80 LINES=24), and the
         # app would believe them rather than the 100×30 the pane has.
         env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-        return subprocess.run([TMUX, "-L", self.socket, *args], capture_output=True, text=True, check=check, timeout=10,
+        return subprocess.run([TMUX, "-S", self.socket, *args], capture_output=True, text=True, check=check, timeout=10,
                               env=env)
 
     def alive(self) -> bool:
@@ -68,6 +72,7 @@ class Tmux:
     def close(self) -> None:
         self("kill-session", "-t", self.session, check=False)
         self("kill-server", check=False)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def ranking_rows(screen: str, n: int) -> list[tuple[str, str]] | None:
