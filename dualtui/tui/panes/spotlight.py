@@ -59,7 +59,13 @@ class SpotlightPane(Horizontal):
             s = spot.summary
             header.append(f"\n{s.patterns:,} patterns · learned {s.learned_share:.0%} · "
                           f"effective {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.0e}", style="dim")
-            table.show(spot.ranked[(app.by, app.group, app.reverse)], app.group)
+            rows = spot.ranked[(app.by, app.group, app.reverse)]
+            # Another layer arriving refreshes every view; rebuilding an unchanged 100-row
+            # table costs ~0.1 s of main-thread time (benchmarks/README.md, TUI).
+            if rows is not table.ranked_rows or app.group != table.group:
+                table.show(rows, app.group)
+            else:
+                self.show_selected(table.selected)  # the other layers' scores may have just arrived
             if app.focus_ranking_pending:
                 app.focus_ranking_pending = False
                 table.focus()
