@@ -266,12 +266,10 @@ def open_cmd(
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer to start on (default: the last)."),
 ) -> None:
     """Browse a run in the terminal: test items, ranked training patterns, layers, tasks and time."""
+    from .cli_spotlight import _layer, _test
+
     b = _open(bundle)  # an invalid bundle is a one-line error (exit 3) before any screen appears
-    names = b.manifest.layer_names
-    if layer is not None and layer not in names:
-        raise UsageError(f"unknown layer {layer!r}; valid layers: {', '.join(names)}")
-    if not 0 <= test < max(b.test_size, 1) or b.test_size == 0:
-        raise UsageError(f"test index {test} out of range; valid: 0..{b.test_size - 1}" if b.test_size else "the bundle has no test items")
+    layer, test = _layer(b, layer), _test(b, test)  # the same checks and messages as `rank`
     from .tui.app import DualtuiApp
     from .tui.model import OpenRun
 
