@@ -443,9 +443,13 @@ class Recorder:
                 flush = flush or len(layer.pending) >= CHECK_WINDOW or layer.pending_bytes >= self.writer.chunk_bytes
         self._pending_records = []
         self.step_count += 1
-        self._in_step = False
-        if flush:
-            self._commit_pending()
+        try:
+            if flush:
+                self._commit_pending()
+        finally:
+            # Ctrl-C stays deferred through the commit: pending patterns are popped before
+            # they reach the spool, and an interrupt in between would lose them.
+            self._in_step = False
         if self._pending_interrupt:
             self._pending_interrupt = False
             raise KeyboardInterrupt
