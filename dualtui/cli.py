@@ -258,6 +258,83 @@ def record_digits_cmd(
     err.print(f"wrote {result.path} ({result.steps} steps)")
 
 
+@record_app.command("text")
+@handles_errors
+def record_text_cmd(
+    corpus: Optional[list[Path]] = typer.Option(
+        None, "--corpus", "-c", help="UTF-8 text file to train on; repeat for several (each one is a task). "
+        "Default: the docstrings of Python's standard library, gathered at run time."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (default: text-CORPUS.safetensors)."),
+    context: int = typer.Option(32, min=2, help="Characters per training window (the model's context)."),
+    width: int = typer.Option(32, min=2, help="Model width (embedding size)."),
+    blocks: int = typer.Option(2, min=0, help="Transformer blocks."),
+    heads: int = typer.Option(2, min=1, help="Attention heads per block (must divide --width)."),
+    steps: int = typer.Option(300, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(8, min=1, help="Windows per step."),
+    lr: float = typer.Option(0.3, min=0.0),
+    momentum: float = typer.Option(0.9, min=0.0),
+    weight_decay: float = typer.Option(0.0, min=0.0),
+    clip_norm: Optional[float] = typer.Option(1.0, min=0.0, help="Clip the global gradient norm to this value (0: no clipping)."),
+    tests: int = typer.Option(200, min=1, help="Test items: windows of held-out text (the last 10% of each corpus)."),
+    dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype of keys and values."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+) -> None:
+    """A character-level causal Transformer (SGD with momentum) on real text; every weight is recorded.
+
+    Every position of every training window is one key/value pattern per layer, so the
+    bundle grows with training tokens × layers: the size is printed before training starts.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .record.text import TextConfig, TrainingDiverged, estimate_bytes, load_sources, record_text
+    from .record.text_corpus import CorpusError, make_windows
+
+    if width % heads:
+        raise UsageError(f"--heads {heads} must divide --width {width}")
+    try:
+        sources = load_sources(corpus)
+        vocab_size = len(make_windows(sources, context, tests=tests).vocab.tokens)  # checks the length too
+    except CorpusError as e:  # an unusable corpus is a bad input file, like a bad bundle
+        fail(ExitCode.INVALID_BUNDLE, str(e))
+    stem = sources[0].name if len(sources) == 1 else "corpora"
+    out_path = output or Path(f"text-{stem}.safetensors")
+    if not str(out_path).endswith(".safetensors"):
+        raise UsageError(f"--output must end in .safetensors: {out_path}")
+    cfg = TextConfig(context=context, width=width, blocks=blocks, heads=heads, steps=steps, batch_size=batch_size, lr=lr,
+                     momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm or None, tests=tests,
+                     storage_dtype=dtype.value, seed=seed)
+    err = _stderr()
+    command = "dualtui record text " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["record", "text"] else None
+    est = estimate_bytes(cfg, vocab_size)
+    err.print(f"recording {steps * batch_size * context:,} training tokens × {est.layers} layers ≈ {_human_bytes(est.total)} "
+              f"({est.per_token:,.0f} B per token)")
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("train", total=steps, loss="-")
+
+        def on_step(done: int, total: int, loss: float) -> None:
+            bar.update(task, completed=done, total=total, loss=f"{loss:.3f}")
+
+        try:
+            result = record_text(out_path, cfg=cfg, sources=sources, on_step=on_step, command=command)
+        except CorpusError as e:
+            fail(ExitCode.INVALID_BUNDLE, str(e))
+        except TrainingDiverged as e:
+            fail(ExitCode.CHECK_FAILED, f"{e}; the bundle of the completed steps is {out_path}")
+    summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted,
+               "train_loss": result.train_loss, "test_accuracy": result.accuracy}
+    if as_json:
+        _emit_json(summary)
+    err.print(f"train loss (last 10% of steps): {result.train_loss:.3f}")
+    for name, acc in result.accuracy.items():
+        err.print(f"next-character accuracy {name:>12}: {acc:6.1%}")
+    if result.interrupted:
+        err.print(f"interrupted after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    err.print(f"wrote {result.path} ({result.steps} steps)")
+
+
 @app.command("open")
 @handles_errors
 def open_cmd(

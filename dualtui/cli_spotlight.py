@@ -21,6 +21,7 @@ class By(str, Enum):
 class Group(str, Enum):
     pattern = "pattern"
     example = "example"
+    position = "position"
 
 
 class Device(str, Enum):
@@ -92,7 +93,8 @@ def rank(
     test: int = typer.Option(..., "--test", "-t", help="Test item index."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer name (default: the last layer)."),
     by: By = typer.Option(By.attention, "--by", help="Score to rank by."),
-    group: Group = typer.Option(Group.pattern, "--group", help="Rank patterns, or training examples (sum over their patterns)."),
+    group: Group = typer.Option(Group.pattern, "--group", help="Rank patterns; training examples (sum over their patterns); "
+                                "or, in text runs, training tokens (sum over the epochs that saw each position)."),
     top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
     reverse: bool = typer.Option(False, "--reverse", help="Lowest scores first (most negative)."),
     device: Device = DEVICE_OPT,
@@ -103,6 +105,8 @@ def rank(
     _check_formats(as_json, as_csv)
     b = _open(bundle)
     L, m = _layer(b, layer), _test(b, test)
+    if group == Group.position and not b.has_position(L):
+        raise UsageError(f"--group position needs a text run (patterns with positions); layer {L!r} has none")
     d = rank_json(b, L, m, by.value, group.value, reverse, top, _device(device))
     if as_json:
         _emit_json(d)
@@ -115,14 +119,52 @@ def rank(
     classes, tasks = b.manifest.classes, b.manifest.tasks
     name = lambda names, i: names[i] if 0 <= i < len(names) else str(i)  # noqa: E731
     out = _stdout()
-    out.print(f"test {m} (label {name(classes, d['test_label'])}, predicted {name(classes, d['test_prediction'])}) · layer {L} · "
-              f"by {by.value} · {group.value}s · {'lowest' if reverse else 'highest'} first")
+    order = f"by {by.value} · {group.value}s · {'lowest' if reverse else 'highest'} first"
+    if "test_text" in d:
+        _print_text_ranking(out, d, L, order, classes, tasks)
+        return
+    out.print(f"test {m} (label {name(classes, d['test_label'])}, predicted {name(classes, d['test_prediction'])}) · layer {L} · {order}")
     cols = ["rank", "score", "attention", "magnitude", "effect"] + (["pattern", "step"] if group == Group.pattern else ["patterns"]) + ["example", "label", "task"]
     t = Table(*cols, box=None, pad_edge=False)
     for r in d["results"]:
         row = [str(r["rank"]), _fmt(r["score"]), _fmt(r["attention"]), _fmt(r["magnitude"]), _fmt(r["effect"])]
         row += [str(r["pattern"]), str(r["step"])] if group == Group.pattern else [str(r["patterns"])]
         row += [str(r["example"]), name(classes, r["label"]), name(tasks, r["task"])]
+        t.add_row(*row)
+    out.print(t)
+
+
+def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list[str], tasks: list[str]) -> None:
+    """Text runs: each result as the training text around it, the attended token reversed and
+    the token it was trained to predict after "▸" (green)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .engine.text import visible
+
+    name = lambda i: visible(classes[i], alone=True) if 0 <= i < len(classes) else str(i)  # noqa: E731
+    head = Text(f"test {d['test']} · layer {layer} · {order}\n")
+    head.append(visible(d["test_text"] or "")[-48:])
+    head.append("▸" + name(d["test_prediction"]), "bold green" if d["test_prediction"] == d["test_label"] else "bold red")
+    head.append(f"  predicted {name(d['test_prediction'])}, true {name(d['test_label'])}")
+    out.print(head)
+    group = d["group"]
+    cols = ["rank", "score", "attention", "effect"] + (["step"] if group == "pattern" else ["patterns"]) + ["example"]
+    cols += (["pos"] if group != "example" else []) + (["task"] if len(tasks) > 1 else []) + ["training text"]
+    t = Table(*cols, box=None, pad_edge=False)
+    for r in d["results"]:
+        row: list[Any] = [str(r["rank"]), _fmt(r["score"]), _fmt(r["attention"]), _fmt(r["effect"])]
+        row += [str(r["step"])] if group == "pattern" else [str(r["patterns"])]
+        row += [str(r["example"])] + ([str(r["position"])] if group != "example" else [])
+        row += [tasks[r["task"]] if 0 <= r["task"] < len(tasks) else str(r["task"])] if len(tasks) > 1 else []
+        if "token" in r:
+            ctx = Text(visible(r["context_before"]))
+            ctx.append(visible(r["token"]), "reverse bold")
+            ctx.append("▸" + visible(r["next_token"], alone=True), "bold green")
+            ctx.append(visible(r["context_after"]), "dim")
+        else:
+            ctx = Text(visible(r["text"]))
+        row.append(ctx)
         t.add_row(*row)
     out.print(t)
 
@@ -177,11 +219,20 @@ def mass(
         return
     from rich.table import Table
 
+    from .engine.text import labels_are_tokens, visible
+
     out = _stdout()
-    for kind, key, label in (("tasks", "task_name", "task"), ("classes", "class_name", "class")):
-        t = Table("layer", label, "Σα", "Σ|α|", "share of Σ|α|", "Σeffect", box=None, pad_edge=False, title=f"test {m}: attention mass per {label}")
-        for r in d[kind]:
-            t.add_row(r["layer"], r[key], _fmt(r["attention_sum"]), _fmt(r["abs_sum"]), f"{r['abs_share']:.1%}", _fmt(r["effect_sum"]))
+    text = labels_are_tokens(b)  # a language model's classes are next tokens
+    for kind, key, label in (("tasks", "task_name", "task"), ("classes", "class_name", "next token" if text else "class")):
+        rows = d[kind]
+        title = f"test {m}: attention mass per {label}"
+        if text and kind == "classes":  # a vocabulary is long: the 10 next tokens with most mass per layer
+            rows = [r for L in layers for r in sorted((r for r in rows if r["layer"] == L), key=lambda r: -r["abs_sum"])[:10]]
+            title += " (top 10 per layer; --json has all)"
+        t = Table("layer", label, "Σα", "Σ|α|", "share of Σ|α|", "Σeffect", box=None, pad_edge=False, title=title)
+        for r in rows:
+            t.add_row(r["layer"], visible(r[key], alone=True) if text else r[key], _fmt(r["attention_sum"]), _fmt(r["abs_sum"]),
+                      f"{r['abs_share']:.1%}", _fmt(r["effect_sum"]))
         out.print(t)
 
 

@@ -7,11 +7,12 @@ from typing import Any
 
 from ..bundle.reader import Bundle
 from .spotlight import Spotlight
+from .text import is_text, position_context, test_text, window_text
 
 
 def ranking_dict(bundle: Bundle, spot: Spotlight, by: str, group: str, reverse: bool) -> dict[str, Any]:
     test = spot.test
-    return {
+    d = {
         "test": test,
         "layer": spot.layer,
         "by": by,
@@ -22,6 +23,17 @@ def ranking_dict(bundle: Bundle, spot: Spotlight, by: str, group: str, reverse: 
         "test_task": int(bundle.array("test/task")[test]),
         "results": [r.to_json() for r in spot.ranked[(by, group, reverse)]],
     }
+    if is_text(bundle):
+        # Text runs: the words behind each number. A pattern or training token gets the context
+        # around its position, the token there and the token it was trained to predict
+        # (`label` is that token's id); an example gets its whole window.
+        d["test_text"] = test_text(bundle, test)
+        for r in d["results"]:
+            if "position" in r:
+                r.update(position_context(bundle, r["example"], r["position"]))
+            else:
+                r["text"] = window_text(bundle, r["example"])
+    return d
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:

@@ -19,10 +19,13 @@ import torch
 
 from ..bundle.reader import Bundle
 from .stream import block_rows, gather_rows, pick_device, stream_blocks
+from .text import NextTokens, labels_are_tokens, next_token_of, position_span
 from .topk import RunningTopK, top_of_dense
 
 SCORES = ("attention", "magnitude", "effect")
-GROUPS = ("pattern", "example")
+GROUPS = ("pattern", "example", "position")
+# "position" (text runs): one row per training token, i.e. per (example, position) pair,
+# summing the patterns of that token over the epochs that revisited it.
 DEFAULT_STEP_BINS = 20
 # Queries scored together in one pass: as many as keep the float64 [examples, queries]
 # accumulators (three scores) within ACCUMULATOR_BYTES, and at most QUERY_BATCH.
@@ -43,11 +46,11 @@ class Ranked:
     effect: float
     example: int
     task: int
-    label: int
+    label: int  # the example's label; in text runs, the token the position was trained to predict
     pattern: int | None = None  # index t (pattern grouping)
     step: int | None = None
     position: int | None = None
-    patterns: int | None = None  # how many patterns were summed (example grouping)
+    patterns: int | None = None  # how many patterns were summed (example / position grouping)
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -109,13 +112,20 @@ class _Tables:
     label: torch.Tensor
     n_tasks: int
     n_classes: int
+    next_token: NextTokens | None = None  # text runs: a pattern's class is the token after it
+
+    def classes(self, example: torch.Tensor, position: torch.Tensor | None) -> torch.Tensor:
+        if self.next_token is not None and position is not None:
+            return self.next_token(example, position)
+        return self.label[example]
 
 
-def _tables(bundle: Bundle, device: torch.device) -> _Tables:
+def _tables(bundle: Bundle, device: torch.device, layer: str | None = None) -> _Tables:
     task = torch.from_numpy(bundle.array("train/task").astype(np.int64)).to(device)
     label = torch.from_numpy(bundle.array("train/label").astype(np.int64)).to(device)
     m = bundle.manifest
-    return _Tables(task, label, max(len(m.tasks), 1), max(len(m.classes), 1))
+    text = layer is not None and labels_are_tokens(bundle) and bundle.has_position(layer)
+    return _Tables(task, label, max(len(m.tasks), 1), max(len(m.classes), 1), NextTokens(bundle, device) if text else None)
 
 
 def total_steps(bundle: Bundle, layer: str) -> int:
@@ -171,8 +181,11 @@ def spotlights(
     for g in groups:
         if g not in GROUPS:
             raise ValueError(f"unknown grouping {g!r}; choose from {', '.join(GROUPS)}")
+    if "position" in groups and not bundle.has_position(layer):
+        raise ValueError(f"grouping by position needs a text run: layer {layer!r} has no layer/{layer}/position")
     out: list[Spotlight] = []
-    per_batch = max(1, min(QUERY_BATCH, ACCUMULATOR_BYTES // (3 * 8 * max(bundle.train_size, 1))))
+    slots = max(bundle.train_size, 1) * (1 + (position_span(bundle) if "position" in groups else 0))
+    per_batch = max(1, min(QUERY_BATCH, ACCUMULATOR_BYTES // (3 * 8 * slots)))
     for lo in range(0, len(tests), per_batch):
         out.extend(_spotlight_batch(bundle, layer, tests[lo : lo + per_batch], top, tuple(by), tuple(groups),
                                     tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples, cancel))
@@ -193,10 +206,13 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
     q = q.long() if emb else q.float()
     g = torch.from_numpy(np.ascontiguousarray(g_np)).to(dev)
     by_example = "example" in groups or dense_examples
-    need_values = want_summary or want_masses or by_example or any(b != "attention" for b in by)
-    need_example = want_masses or by_example
-    fields = ["keys"] + (["values"] if need_values else []) + (["example"] if need_example else []) + (["step"] if want_masses else [])
-    tables = _tables(bundle, dev) if need_example else None
+    by_position = "position" in groups
+    need_values = want_summary or want_masses or by_example or by_position or any(b != "attention" for b in by)
+    need_example = want_masses or by_example or by_position
+    tables = _tables(bundle, dev, layer) if need_example else None
+    need_position = by_position or (want_masses and tables.next_token is not None)
+    fields = (["keys"] + (["values"] if need_values else []) + (["example"] if need_example else [])
+              + (["step"] if want_masses else []) + (["position"] if need_position else []))
     n_train = bundle.train_size
     steps_total = total_steps(bundle, layer) if want_masses else 1
     f64 = torch.float64
@@ -205,6 +221,9 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
     abs_top = RunningTopK(100) if want_summary else None
     ex_sums = {s: torch.zeros(n_train, M, dtype=f64, device=dev) for s in SCORES} if by_example else {}
     ex_count = torch.zeros(n_train, dtype=f64, device=dev) if by_example else None
+    span = position_span(bundle) if by_position else 1
+    pos_sums = {s: torch.zeros(n_train * span, M, dtype=f64, device=dev) for s in SCORES} if by_position else {}
+    pos_count = torch.zeros(n_train * span, dtype=f64, device=dev) if by_position else None
     if want_masses:
         nt, nc = tables.n_tasks, tables.n_classes
         mass = {(kind, s): torch.zeros(n, M, dtype=f64, device=dev)
@@ -239,14 +258,22 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
             abs_top.update(alpha.abs(), block.start)
         if need_example:
             ex = block.tensors["example"]
+        pos = block.tensors.get("position")
         if by_example:
             for s in SCORES:
                 ex_sums[s].index_add_(0, ex, scores[s].double())
             ex_count.index_add_(0, ex, torch.ones(ex.shape[0], dtype=f64, device=dev))
+        if by_position:
+            if pos.numel() and int(pos.max()) >= span:
+                raise ValueError(f"layer {layer!r}: position {int(pos.max())} is outside the {span}-token context of the manifest")
+            slot = ex * span + pos
+            for s in SCORES:
+                pos_sums[s].index_add_(0, slot, scores[s].double())
+            pos_count.index_add_(0, slot, torch.ones(slot.shape[0], dtype=f64, device=dev))
         if want_masses:
             eff64 = scores["effect"].double()
             bins = (block.tensors["step"] * step_bins // steps_total).clamp_(0, step_bins - 1)
-            for kind, ids in (("task", tables.task[ex]), ("class", tables.label[ex]), ("step", bins)):
+            for kind, ids in (("task", tables.task[ex]), ("class", tables.classes(ex, pos)), ("step", bins)):
                 mass[(kind, "attention")].index_add_(0, ids, a64)
                 mass[(kind, "abs")].index_add_(0, ids, abs64)
                 mass[(kind, "effect")].index_add_(0, ids, eff64)
@@ -274,6 +301,9 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
             for j, res in enumerate(results):
                 res.example_scores = {s: sums[s][:, j].copy() for s in SCORES}
                 res.example_patterns = count
+    if by_position:
+        sums = {s: t.cpu().numpy() for s, t in pos_sums.items()}
+        _fill_position_ranks(bundle, results, sums, pos_count.cpu().numpy(), span, by, reverse, top)
     return results
 
 
@@ -333,6 +363,7 @@ def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], ac
     train_task = bundle.array("train/task")
     train_label = bundle.array("train/label")
     with_position = bundle.has_position(layer)
+    text = with_position and labels_are_tokens(bundle)
     for j, res in enumerate(results):
         for (b, r), acc in accs.items():
             _, idx = acc.result(j)
@@ -345,10 +376,12 @@ def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], ac
             position = gather_rows(bundle, layer, "position", idx) if with_position else None
             # Re-sort on the exact float64 scores (the pass ranked in float32).
             order = np.lexsort((idx, sc[b] if r else -sc[b]))
+            label = [int(train_label[e]) if position is None or not text else next_token_of(bundle, int(e), int(p))
+                     for e, p in zip(example, position if position is not None else example)]
             res.ranked[(b, "pattern", r)] = [
                 Ranked(rank=n + 1, score=float(sc[b][i]), attention=float(sc["attention"][i]), magnitude=float(sc["magnitude"][i]),
                        effect=float(sc["effect"][i]), example=int(example[i]), task=int(train_task[example[i]]),
-                       label=int(train_label[example[i]]), pattern=int(idx[i]), step=int(step[i]),
+                       label=label[i], pattern=int(idx[i]), step=int(step[i]),
                        position=None if position is None else int(position[i]))
                 for n, i in enumerate(order)
             ]
@@ -368,4 +401,25 @@ def _fill_example_ranks(bundle: Bundle, results: list[Spotlight], sums: dict[str
                            magnitude=float(sums["magnitude"][e, j]), effect=float(sums["effect"][e, j]), example=int(e),
                            task=int(train_task[e]), label=int(train_label[e]), patterns=int(count[e]))
                     for n, e in enumerate(chosen)
+                ]
+
+
+def _fill_position_ranks(bundle: Bundle, results: list[Spotlight], sums: dict[str, np.ndarray], count: np.ndarray, span: int,
+                         by: tuple[str, ...], reverse: tuple[bool, ...], top: int) -> None:
+    """Rank training tokens: slot e·span + p sums the patterns of example e at position p."""
+    train_task = bundle.array("train/task")
+    text = labels_are_tokens(bundle)
+    train_label = bundle.array("train/label")
+    seen = np.nonzero(count > 0)[0]
+    for j, res in enumerate(results):
+        for b in by:
+            for r in reverse:
+                chosen = seen[top_of_dense(sums[b][seen, j], top, reverse=r)]
+                res.ranked[(b, "position", r)] = [
+                    Ranked(rank=n + 1, score=float(sums[b][s, j]), attention=float(sums["attention"][s, j]),
+                           magnitude=float(sums["magnitude"][s, j]), effect=float(sums["effect"][s, j]), example=int(s // span),
+                           task=int(train_task[s // span]),
+                           label=next_token_of(bundle, int(s // span), int(s % span)) if text else int(train_label[s // span]),
+                           position=int(s % span), patterns=int(count[s]))
+                    for n, s in enumerate(chosen)
                 ]

@@ -10,6 +10,7 @@ import torch
 
 from ..bundle.reader import Bundle
 from .stream import block_rows, pick_device, stream_blocks
+from .text import NextTokens, labels_are_tokens
 
 
 @dataclass
@@ -43,6 +44,9 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
     emb = spec.kind == "embedding"
     n_classes = max(len(bundle.manifest.classes), 1)
     label_of = torch.from_numpy(bundle.array("train/label").astype(np.int64)).to(dev)
+    # Text runs: a pattern votes for the token it was trained to predict (the token after its position).
+    next_token = NextTokens(bundle, dev) if labels_are_tokens(bundle) and bundle.has_position(layer) else None
+    fields = ("keys", "example") + (("position",) if next_token is not None else ())
     queries = bundle.array(f"layer/{layer}/queries")
     M = queries.shape[0]
     class_abs = np.zeros((n_classes, M))
@@ -50,7 +54,7 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
         q = torch.from_numpy(np.array(queries[lo : lo + query_batch])).to(dev)
         q = q.long() if emb else q.float()
         acc = torch.zeros(n_classes, q.shape[0], dtype=torch.float64, device=dev)
-        for block in stream_blocks(bundle, layer, ("keys", "example"), dev, block_rows(bundle, layer, q.shape[0])):
+        for block in stream_blocks(bundle, layer, fields, dev, block_rows(bundle, layer, q.shape[0])):
             k = block.tensors["keys"]
             if emb:
                 a = (k[:, None] == q[None, :]).double()
@@ -59,7 +63,8 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
                 if spec.bias:
                     a += 1.0
                 a = a.abs().double()
-            acc.index_add_(0, label_of[block.tensors["example"]], a)
+            ex = block.tensors["example"]
+            acc.index_add_(0, label_of[ex] if next_token is None else next_token(ex, block.tensors["position"]), a)
         class_abs[:, lo : lo + q.shape[0]] = acc.cpu().numpy()
     vote = class_abs.argmax(axis=0) if M else np.zeros(0, dtype=np.int64)
     label = bundle.array("test/label")

@@ -158,7 +158,8 @@ class DualtuiApp(App[None]):
         self.set_state(by=SCORES[(SCORES.index(self.by) + 1) % len(SCORES)])
 
     def action_toggle_group(self) -> None:
-        self.set_state(group="example" if self.group == "pattern" else "pattern")
+        groups = self.open_run.groups  # per pattern → per example (→ per training token, text runs)
+        self.set_state(group=groups[(groups.index(self.group) + 1) % len(groups)])
 
     def action_toggle_reverse(self) -> None:
         self.set_state(reverse=not self.reverse)

@@ -20,6 +20,8 @@ class DualtuiCommands(Provider):
             ("order: lowest first", partial(app.set_state, reverse=True), ""),
             ("group: per pattern", partial(app.set_state, group="pattern"), ""),
             ("group: per training example", partial(app.set_state, group="example"), ""),
+            *([("group: per training token (example, position)", partial(app.set_state, group="position"), "text runs")]
+              if "position" in app.open_run.groups else []),
             ("export: ranking as CSV", partial(app.action_export, "csv"), ""),
             ("export: ranking as JSON", partial(app.action_export, "json"), ""),
             ("export: screen as SVG", app.action_svg, ""),

@@ -11,7 +11,7 @@ from textual.widgets import Static
 
 KEYS = [
     ("Views", [("1 … 5", "overview · tests · spotlight · layers · tasks & time"), ("tab / shift+tab", "move focus")]),
-    ("Spotlight", [("b", "score: attention → magnitude → effect"), ("g", "group per pattern / per training example"),
+    ("Spotlight", [("b", "score: attention → magnitude → effect"), ("g", "group per pattern / per training example / per training token (text runs)"),
                    ("r", "highest first / lowest (most negative) first"), ("[  ]", "previous / next layer"),
                    ("n  p", "next / previous test item"), ("↑ ↓ pgup pgdn", "move in the ranking")]),
     ("Tests", [("enter", "spotlight the highlighted test item"), ("#", "jump box: type an index, enter")]),

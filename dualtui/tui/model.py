@@ -10,6 +10,7 @@ import numpy as np
 from ..bundle.reader import Bundle
 from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, pattern_scores, spotlights
 from ..engine.stream import gather_rows
+from ..engine.text import is_text, position_span, visible
 
 # Rows of the ranking the app asks the engine for (both ends, every score and grouping).
 TOP = 100
@@ -52,10 +53,16 @@ class OpenRun:
         self.test_task = bundle.array("test/task")
         self.train_label = bundle.array("train/label")
         self.train_task = bundle.array("train/task")
+        self.is_text = is_text(bundle)
+        self.context = position_span(bundle) if self.is_text else 0
+        # Grouping per training token needs positions at every layer (text runs).
+        with_positions = self.is_text and all(bundle.has_position(L) for L in self.layers)
+        self.groups: tuple[str, ...] = GROUPS if with_positions else tuple(g for g in GROUPS if g != "position")
 
     # ----------------------------------------------------------------- names
     def class_name(self, i: int) -> str:
-        return self.classes[i] if 0 <= i < len(self.classes) else str(i)
+        name = self.classes[i] if 0 <= i < len(self.classes) else str(i)
+        return visible(name, alone=True) if self.is_text else name
 
     def task_name(self, i: int) -> str:
         return self.tasks[i] if 0 <= i < len(self.tasks) else str(i)
@@ -87,6 +94,42 @@ class OpenRun:
     def train_input(self, e: int) -> np.ndarray | None:
         return self.bundle.array("train/input", e, e + 1)[0] if self.bundle.has("train/input") else None
 
+    def test_preview(self, m: int) -> tuple[np.ndarray | None, dict]:
+        """A test item's preview and how to mark it: in text runs, the context with the query
+        position highlighted and the prediction after it (green when right, red when wrong)."""
+        data = self.test_input(m)
+        if not self.is_text or data is None:
+            return data, {}
+        it = self.test_item(m)
+        tokens = data.reshape(-1)[: self.context]
+        pred = self.classes[it.prediction] if 0 <= it.prediction < len(self.classes) else "?"
+        return tokens, {"highlight": len(tokens) - 1, "suffix": (pred, "bold green" if it.correct else "bold red")}
+
+    def train_preview(self, row: Ranked) -> tuple[np.ndarray | None, dict]:
+        """A ranked row's training example; in text runs the attended position is highlighted
+        and the token it was trained to predict marked (when the row has a position)."""
+        data = self.train_input(row.example)
+        if not self.is_text or data is None:
+            return data, {"highlight": row.position}
+        tokens = data.reshape(-1)
+        if row.position is None:
+            return tokens[: self.context], {}
+        return tokens, {"highlight": row.position, "target": row.position + 1 if row.position + 1 < len(tokens) else None}
+
+    def snippet(self, row: Ranked, width: int) -> "Text":
+        """One line of training text for a ranked row: the attended token reversed and the token
+        it was trained to predict after "▸" (the whole window's start for an example)."""
+        from .render import text_window
+
+        data, marks = self.train_preview(row)
+        vocab = self.vocab() or []
+        ids = [] if data is None else np.asarray(data).reshape(-1).tolist()
+        tokens = [vocab[i] if 0 <= i < len(vocab) else "?" for i in ids]
+        if row.position is None:
+            return text_window(tokens[:width], None, width=width)
+        nxt = tokens[row.position + 1] if row.position + 1 < len(tokens) else None
+        return text_window(tokens[: row.position + 1], row.position, next_token=nxt, width=width)
+
     def vocab(self) -> list[str] | None:
         v = self.bundle.manifest.input.get("vocab")
         return list(v) if isinstance(v, list) else None
@@ -110,7 +153,7 @@ class OpenRun:
     # ----------------------------------------------------------------- spotlights
     def compute(self, test: int, layer: str, cancel: Callable[[], bool] | None = None) -> Spotlight:
         """Everything the app shows for one test item at one layer: one engine pass."""
-        return spotlights(self.bundle, layer, [test], top=TOP, by=SCORES, groups=GROUPS, reverse=(False, True),
+        return spotlights(self.bundle, layer, [test], top=TOP, by=SCORES, groups=self.groups, reverse=(False, True),
                           summary=True, masses=True, dense_examples=True, cancel=cancel)[0]
 
     def across_layers(self, test: int, row: Ranked, group: str, results: dict[str, Spotlight]) -> list[LayerScore]:
@@ -133,8 +176,26 @@ class OpenRun:
                     sc = pattern_scores(self.bundle, layer, idx, q, g)
                     out.append(LayerScore(layer, float(sc["attention"][0]), float(sc["magnitude"][0]), float(sc["effect"][0]), True))
                     continue
+            if group == "position" and row.position is not None:
+                idx = self.token_patterns(layer, row.example, row.position)
+                if layer not in q_cache:
+                    q_cache[layer] = (self.bundle.array(f"layer/{layer}/queries")[test],
+                                      self.bundle.array(f"layer/{layer}/query_grad")[test])
+                q, g = q_cache[layer]
+                sc = pattern_scores(self.bundle, layer, idx, q, g) if len(idx) else {k: np.zeros(0) for k in SCORES}
+                out.append(LayerScore(layer, float(sc["attention"].sum()), float(sc["magnitude"].sum()), float(sc["effect"].sum()), True))
+                continue
             if spot.example_scores is not None:
                 e = row.example
                 out.append(LayerScore(layer, float(spot.example_scores["attention"][e]), float(spot.example_scores["magnitude"][e]),
                                       float(spot.example_scores["effect"][e]), False))
         return out
+
+    def token_patterns(self, layer: str, example: int, position: int) -> np.ndarray:
+        """Indices of the patterns of one training token (example, position) at `layer`."""
+        found, offset = [], 0
+        for ex_name, pos_name in zip(self.bundle.pattern_names(layer, "example"), self.bundle.pattern_names(layer, "position")):
+            ex, pos = self.bundle.raw(ex_name), self.bundle.raw(pos_name)
+            found.append(np.nonzero((ex == example) & (pos == position))[0] + offset)
+            offset += len(ex)
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)

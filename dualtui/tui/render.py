@@ -109,7 +109,7 @@ def text_window(tokens: list[str], highlight: int | None = None, *, next_token: 
     n = len(shown)
     if highlight is not None and not 0 <= highlight < n:
         highlight = None
-    suffix = "▸" + _visible(next_token) if next_token is not None else ""
+    suffix = "▸" + (_visible(next_token) if next_token.strip() else "␣" * max(len(next_token), 1)) if next_token is not None else ""
     lo, hi = 0, n
     if width is not None and sum(map(cell_len, shown)) + cell_len(suffix) > width and n:
         # Grow a window outwards from the anchor, alternating sides; each "…" costs one cell.
@@ -139,6 +139,23 @@ def text_window(tokens: list[str], highlight: int | None = None, *, next_token: 
         out.append(suffix, "bold green")
     if width is not None and out.cell_len > width:  # the anchor alone does not fit: hard cut
         out.truncate(width, overflow="ellipsis")
+    return out
+
+
+def text_block(tokens: list[str], highlight: int | None = None, *, target: int | None = None,
+               suffix: str | None = None, suffix_style: str = "bold green") -> Text:
+    """A context window as wrapped text, the way it reads in the corpus: ``highlight`` (the
+    attended token) in "reverse bold", ``target`` (the token it was trained to predict) in
+    green, then an optional "▸suffix" (e.g. the model's prediction). A newline token shows as
+    "⏎" and also breaks the line; other control characters are made visible."""
+    out = Text()
+    for i, tok in enumerate(tokens):
+        style = "reverse bold" if i == highlight else "bold green underline" if i == target else None
+        out.append(_visible(tok), style)
+        if "\n" in tok:
+            out.append("\n")
+    if suffix is not None:
+        out.append("▸" + (_visible(suffix) if suffix.strip() else "␣" * max(len(suffix), 1)), suffix_style)
     return out
 
 

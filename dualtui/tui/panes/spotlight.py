@@ -40,7 +40,8 @@ class SpotlightPane(Horizontal):
         it = self.run.test_item(m)
         cap = Text(f"test {m} · label {self.run.class_name(it.label)} · predicted {self.run.class_name(it.prediction)}",
                    style="bold" if it.correct else "bold red")
-        self.query_one("#spot-test", Preview).show(self.run.test_input(m), cap)
+        data, marks = self.run.test_preview(m)
+        self.query_one("#spot-test", Preview).show(data, cap, **marks)
         header = Text()
         header.append(L, style="bold")
         header.append(f" ({self.run.layers.index(L) + 1}/{len(self.run.layers)}) · ")
@@ -83,10 +84,18 @@ class SpotlightPane(Horizontal):
             across.update("")
             return
         what = f"pattern {row.pattern} · step {row.step}" if app.group == "pattern" else f"{row.patterns} patterns"
-        cap = Text(f"#{row.rank} example {row.example} · label {self.run.class_name(row.label)} · {what}", style="bold")
-        train.show(self.run.train_input(row.example), cap, highlight=row.position)
+        where = f" · position {row.position}" if row.position is not None else ""
+        label = "next" if self.run.is_text and row.position is not None else "label"
+        cap = Text(f"#{row.rank} example {row.example}{where} · {label} {self.run.class_name(row.label)} · {what}", style="bold")
+        data, marks = self.run.train_preview(row)
+        train.show(data, cap, **marks)
         scores = self.run.across_layers(app.test, row, app.group, app.results)
-        t = Table("layer", "attention", "effect", box=None, pad_edge=False, title="at every layer", title_justify="left")
+        t = Table(box=None, pad_edge=False, title="at every layer", title_justify="left")
+        # The layer's name must stay readable (blocks.0.attn.q); the numbers give way first.
+        t.add_column("layer", no_wrap=True, min_width=min(20, max(len(sc.layer) for sc in scores) + 2) if scores else None)
+        t.add_column("attention")
+        t.add_column("effect")
         for sc in scores:
-            t.add_row(sc.layer + ("" if sc.exact_pattern or app.group == "example" else " Σ"), fmt(sc.attention), fmt(sc.effect))
+            # Three digits: the side panel is narrow and layer names are long (blocks.0.attn.q).
+            t.add_row(sc.layer + ("" if sc.exact_pattern or app.group != "pattern" else " Σ"), f"{sc.attention:.3g}", f"{sc.effect:.3g}")
         across.update(t)

@@ -85,4 +85,5 @@ class TestsPane(Horizontal):
         it = self.run.test_item(m)
         cap = Text(f"test {m}  label {self.run.class_name(it.label)}  predicted {self.run.class_name(it.prediction)}",
                    style="bold" if it.correct else "bold red")
-        self.query_one("#tests-preview", Preview).show(self.run.test_input(m), cap)
+        data, marks = self.run.test_preview(m)
+        self.query_one("#tests-preview", Preview).show(data, cap, **marks)

@@ -23,19 +23,26 @@ class Preview(Widget):
         self.pixels: np.ndarray | None = None
         self.caption = Text("")
         self.highlight: int | None = None
+        self.target: int | None = None
+        self.suffix: tuple[str, str] | None = None
         self.max_rows = 8
 
-    def show(self, data: np.ndarray | None, caption: Text | str, highlight: int | None = None) -> None:
+    def show(self, data: np.ndarray | None, caption: Text | str, highlight: int | None = None, *,
+             target: int | None = None, suffix: tuple[str, str] | None = None) -> None:
+        """`highlight`: the token (text) a pattern sits at; `target`: the token it was trained to
+        predict; `suffix`: (token, style) drawn after the window, e.g. the model's prediction."""
         self.pixels = data
         self.caption = caption if isinstance(caption, Text) else Text(caption)
         self.highlight = highlight
+        self.target = target
+        self.suffix = suffix
         self.refresh(layout=True)
 
     def clear(self, caption: str = "") -> None:
         self.show(None, caption)
 
     def _body(self, width: int) -> RenderableType:
-        from ..render import image_halfblock, sparkline, text_window
+        from ..render import image_halfblock, sparkline, text_block
 
         data = self.pixels
         if data is None:
@@ -47,7 +54,8 @@ class Preview(Widget):
             vocab = self.run.vocab() or []
             ids = np.asarray(data).reshape(-1)
             tokens = [vocab[i] if 0 <= i < len(vocab) else "?" for i in ids.tolist()]
-            return text_window(tokens, self.highlight, width=max(8, width))
+            suffix, style = self.suffix if self.suffix is not None else (None, "bold green")
+            return text_block(tokens, self.highlight, target=self.target, suffix=suffix, suffix_style=style)
         flat = np.asarray(data, dtype=np.float64).reshape(-1)
         return Text(sparkline(flat, max(4, min(width, 60))))
 
@@ -57,5 +65,5 @@ class Preview(Widget):
 
     def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
         body = self._body(max(4, width))
-        lines = len(body.plain.split("\n")) if isinstance(body, Text) else 1
+        lines = len(body.wrap(self.app.console, max(4, width))) if isinstance(body, Text) else 1
         return lines + max(1, len(self.caption.plain.split("\n")))

@@ -3,11 +3,16 @@ whole dual memory, so the table stays instant however many patterns a bundle hol
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from textual.widgets import DataTable
 
 from ...engine.spotlight import Ranked
 from ..messages import RowSelected
 from ..model import OpenRun
+
+
+# Cells of training text shown per row in text runs (the preview beside shows the whole window).
+SNIPPET = 18
 
 
 def fmt(x: float) -> str:
@@ -31,16 +36,27 @@ class RankingTable(DataTable):
         # Who the pattern is comes first: at 80 columns the three raw scores scroll off, the
         # identity of the training example should not.
         middle = "step" if group == "pattern" else "patterns"
-        labels = ("rank", "score", "example", "label", "task", middle, "attention", "magnitude", "effect")
-        cells = [
-            (str(r.rank), fmt(r.score), str(r.example), self.run.class_name(r.label), self.run.task_name(r.task),
-             str(r.step) if group == "pattern" else str(r.patterns), fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
-            for r in rows
-        ]
+        if self.run.is_text:  # text runs: where the pattern sits in the training text, not a class
+            tasks = len(self.run.tasks) > 1  # one corpus: the task column would repeat its name
+            labels = ("rank", "score", "example", "pos", "training text") + (("task",) if tasks else ()) + (
+                middle, "attention", "magnitude", "effect")
+            cells = [
+                (str(r.rank), fmt(r.score), str(r.example), "" if r.position is None else str(r.position),
+                 self.run.snippet(r, SNIPPET)) + ((self.run.task_name(r.task),) if tasks else ()) + (
+                 str(r.step) if group == "pattern" else str(r.patterns), fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
+                for r in rows
+            ]
+        else:
+            labels = ("rank", "score", "example", "label", "task", middle, "attention", "magnitude", "effect")
+            cells = [
+                (str(r.rank), fmt(r.score), str(r.example), self.run.class_name(r.label), self.run.task_name(r.task),
+                 str(r.step) if group == "pattern" else str(r.patterns), fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
+                for r in rows
+            ]
         # Explicit widths: a frame drawn before the table's own resize would otherwise clip
         # cells to the header's width ("digits 5-9" as "digi").
         for i, label in enumerate(labels):
-            self.add_column(label, width=max([len(label)] + [len(c[i]) for c in cells]))
+            self.add_column(label, width=max([len(label)] + [cell_len(str(c[i])) for c in cells]))
         for c in cells:
             self.add_row(*c)
         if rows:
