@@ -143,6 +143,8 @@ def info(
         return
     from rich.table import Table
 
+    from .engine.text import visible
+
     out = _stdout()
     out.print(f"[bold]{d['bundle']}[/]  format v{d['version']}, {_human_bytes(d['size_bytes'])}"
               + (f" in {len(d['files'])} shards" if d["sharded"] else ""))
@@ -153,7 +155,8 @@ def info(
                   _human_bytes(layer["bytes"]), f"{layer['bytes_per_pattern']:.0f}" if layer["bytes_per_pattern"] else "-")
     out.print(t)
     out.print(f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}")
-    out.print(f"classes ({len(d['classes'])}): {', '.join(d['classes'][:20])}{' …' if len(d['classes']) > 20 else ''}")
+    shown = [visible(c, alone=True) for c in d["classes"][:20]] if d["input"].get("kind") == "text" else d["classes"][:20]
+    out.print(f"classes ({len(d['classes'])}): {', '.join(shown)}{' …' if len(d['classes']) > 20 else ''}")
     out.print(f"train examples: {d['train_size']:,}   test items: {d['test_size']:,}   input: {d['input'].get('kind')}")
     opt = d["optimizer"]
     if opt:
@@ -161,8 +164,9 @@ def info(
     tr = d["training"]
     if tr:
         out.print("training: " + ", ".join(f"{k}={v}" for k, v in tr.items()))
-    if "not_covered" in d:
-        out.print("not covered by the dual form: " + ", ".join(d["not_covered"]))
+    if "not_covered" in d:  # recorded by the Recorder since the text runs; older bundles lack it
+        nc = d["not_covered"]
+        out.print("not covered by the dual form: " + ", ".join(nc) if nc else "every trained parameter is covered by the dual form")
 
 
 # ----------------------------------------------------------------------------- verify
@@ -276,6 +280,7 @@ def record_text_cmd(
     weight_decay: float = typer.Option(0.0, min=0.0),
     clip_norm: Optional[float] = typer.Option(1.0, min=0.0, help="Clip the global gradient norm to this value (0: no clipping)."),
     tests: int = typer.Option(200, min=1, help="Test items: windows of held-out text (the last 10% of each corpus)."),
+    max_chars: Optional[int] = typer.Option(None, min=1, help="Use only the first N characters of each corpus."),
     dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype of keys and values."),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
@@ -287,13 +292,13 @@ def record_text_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .record.text import TextConfig, TrainingDiverged, estimate_bytes, load_sources, record_text
+    from .record.text import TextConfig, TrainingDiverged, estimate_bytes, load_sources, record_text, truncate
     from .record.text_corpus import CorpusError, make_windows
 
     if width % heads:
         raise UsageError(f"--heads {heads} must divide --width {width}")
     try:
-        sources = load_sources(corpus)
+        sources = truncate(load_sources(corpus), max_chars)
         vocab_size = len(make_windows(sources, context, tests=tests).vocab.tokens)  # checks the length too
     except CorpusError as e:  # an unusable corpus is a bad input file, like a bad bundle
         fail(ExitCode.INVALID_BUNDLE, str(e))
@@ -302,7 +307,7 @@ def record_text_cmd(
     if not str(out_path).endswith(".safetensors"):
         raise UsageError(f"--output must end in .safetensors: {out_path}")
     cfg = TextConfig(context=context, width=width, blocks=blocks, heads=heads, steps=steps, batch_size=batch_size, lr=lr,
-                     momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm or None, tests=tests,
+                     momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm or None, tests=tests, max_chars=max_chars,
                      storage_dtype=dtype.value, seed=seed)
     err = _stderr()
     command = "dualtui record text " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["record", "text"] else None

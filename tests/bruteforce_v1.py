@@ -9,6 +9,16 @@ float64 with numpy; group sums, masses, summaries and votes follow by plain inde
 functions compare what the engine (or the CLI's JSON, read into attribute objects) returned
 with the brute force.
 
+Text runs (the rules of the text-run semantics, restated here from the spec, not the engine):
+- Grouping "position" ranks training tokens: slot e·span + p sums every pattern of example e
+  at position p (the epochs that revisited it); span is the manifest's input `context`, else
+  the width of `train/input`.
+- Labels are tokens: in a language model (input kind "text", `train/input` present, and
+  `classes` equal to the input's `vocab`) the class of a pattern at (e, p) is the token after
+  it, `train/input[e, p + 1]`, or `train/label[e]` when the window has no column p + 1. That
+  class feeds class masses, votes and the label of pattern and position rows; example rows
+  keep `train/label[e]`, as does every other bundle.
+
 Alongside each score matrix comes an "absolute scale" matrix (the same formula with every
 product replaced by the product of absolute values), from which the tests derive the rounding
 tolerance that a float32 computation of that score may need.
@@ -110,6 +120,7 @@ class Brute:
     test_label: np.ndarray
     test_task: np.ndarray
     test_prediction: np.ndarray
+    train_input: np.ndarray | None = None  # [N, ...] as stored (ints widened to int64)
     cache: dict = field(default_factory=dict)
 
     @property
@@ -119,6 +130,52 @@ class Brute:
     @property
     def n_classes(self) -> int:
         return max(len(self.manifest["classes"]), 1)
+
+    # ------------------------------------------------------------------ text runs
+    @property
+    def text(self) -> bool:
+        return self.manifest["input"].get("kind") == "text" and self.train_input is not None
+
+    @property
+    def labels_are_tokens(self) -> bool:
+        vocab = self.manifest["input"].get("vocab")
+        classes = self.manifest["classes"]
+        return self.text and isinstance(vocab, list) and len(classes) > 0 and [str(c) for c in classes] == [str(v) for v in vocab]
+
+    @property
+    def span(self) -> int:
+        """Positions per training window: input `context`, else the width of train/input."""
+        ctx = self.manifest["input"].get("context")
+        if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0:
+            return ctx
+        if self.train_input is not None and self.train_input.ndim == 2:
+            return max(int(self.train_input.shape[1]), 1)
+        return 1
+
+    def groups(self, L: str) -> tuple[str, ...]:
+        """The groupings valid at layer L: by position only where patterns have positions."""
+        return ("pattern", "example") + (("position",) if self.layers[L].position is not None else ())
+
+    def next_token(self, example: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """The token after (e, p): train/input[e, p+1], or train/label[e] past the window."""
+        windows = self.train_input.reshape(len(self.train_input), -1)
+        example, position = np.asarray(example, dtype=np.int64), np.asarray(position, dtype=np.int64)
+        out = self.train_label[example].copy()
+        inside = position + 1 < windows.shape[1]
+        out[inside] = windows[example[inside], position[inside] + 1]
+        return out
+
+    def pattern_class(self, L: str) -> np.ndarray:
+        """[T] the class each pattern of layer L counts for (masses, votes, row labels)."""
+        lay = self.layers[L]
+        if self.labels_are_tokens and lay.position is not None:
+            return self.next_token(lay.example, lay.position)
+        return self.train_label[lay.example]
+
+    def slot_class(self, slots: np.ndarray) -> np.ndarray:
+        """The label of position rows: the token after (e, p) in a language model."""
+        e, p = np.asarray(slots) // self.span, np.asarray(slots) % self.span
+        return self.next_token(e, p) if self.labels_are_tokens else self.train_label[e]
 
     @classmethod
     def _build(cls, manifest: dict, get, has) -> "Brute":
@@ -143,8 +200,9 @@ class Brute:
                 b=get(f"layer/{L}/bias") if bias else None, b0=get(f"layer/{L}/b0") if bias else None,
             )
         ints = lambda n: get(n).astype(np.int64)  # noqa: E731
+        text = manifest["input"].get("kind") == "text" and has("train/input")
         return cls(manifest, layers, ints("train/task"), ints("train/label"), ints("test/label"), ints("test/task"),
-                   ints("test/prediction"))
+                   ints("test/prediction"), train_input=ints("train/input") if text else None)
 
     @classmethod
     def from_valid(cls, vb: "iv.ValidBundle") -> "Brute":
@@ -170,6 +228,27 @@ class Brute:
                                np.bincount(lay.example, minlength=n))
         return self.cache[key]
 
+    def position_sums(self, L: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+        """Per training token, slot e·span + p [N·span, M]: Σ score, Σ scale, and the count."""
+        key = ("position_sums", L)
+        if key not in self.cache:
+            lay = self.layers[L]
+            assert lay.position is not None
+            n = len(self.train_label) * self.span
+            slot = lay.example * self.span + lay.position
+            assert slot.size == 0 or (lay.position.min() >= 0 and lay.position.max() < self.span)
+            sc, ab = lay.scores(), lay.scales()
+            M = len(lay.G)
+
+            def by_slot(x: np.ndarray) -> np.ndarray:
+                out = np.zeros((n, M))
+                np.add.at(out, slot, x)
+                return out
+
+            self.cache[key] = ({s: by_slot(sc[s]) for s in SCORES}, {s: by_slot(ab[s]) for s in SCORES},
+                               np.bincount(slot, minlength=n))
+        return self.cache[key]
+
     def masses(self, L: str, m: int, edges: np.ndarray) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
         """(kind, what) -> (sums, scale sums); kind task/class/step, what attention/abs/effect.
         Step bin b holds steps [edges[b], edges[b+1])."""
@@ -179,7 +258,7 @@ class Brute:
         terms = {"attention": (a, ab["attention"][:, m]), "abs": (np.abs(a), ab["attention"][:, m]),
                  "effect": (e, ab["effect"][:, m])}
         bins = np.searchsorted(edges, lay.step, side="right") - 1
-        ids = {"task": (self.train_task[lay.example], self.n_tasks), "class": (self.train_label[lay.example], self.n_classes),
+        ids = {"task": (self.train_task[lay.example], self.n_tasks), "class": (self.pattern_class(L), self.n_classes),
                "step": (bins, len(edges) - 1)}
         out = {}
         for kind, (idx, n) in ids.items():
@@ -194,7 +273,7 @@ class Brute:
         a, aa = np.abs(lay.alpha()), lay.alpha_abs()
         C, M = self.n_classes, len(lay.G)
         out, scale = np.zeros((C, M)), np.zeros((C, M))
-        cls_of = self.train_label[lay.example]
+        cls_of = self.pattern_class(L)
         np.add.at(out, cls_of, a)
         np.add.at(scale, cls_of, aa)
         return out, scale
@@ -241,7 +320,21 @@ def make(family: str, storage: str, layout: str, seed: int) -> iv.ValidBundle:
         if storage == "bfloat16":  # queries may be any float dtype: store one layer's in bf16
             q = vb.tensors["layer/enc.0/queries"].as_float64()
             vb.tensors["layer/enc.0/queries"] = iv.bf16(q)
-    else:
+    elif family == "lm":
+        # A language model: classes are the vocabulary, so a pattern's class is the token after
+        # its position. Windows hold exactly `context` (4) tokens: positions 0..2 find that token
+        # in train/input[e, p + 1], position 3 in train/label[e]. 8 windows × 4 positions = 32
+        # training tokens for 40-odd patterns per layer: tokens revisited, and some never seen.
+        plans = [LayerPlan("tok.emb", kind="embedding", in_features=7, out_features=3, bias=False, patterns=46),
+                 LayerPlan("mix", in_features=3, out_features=5, bias=True, patterns=40),
+                 LayerPlan("head", in_features=5, out_features=7, bias=False, patterns=43)]
+        vb = iv.make_valid_bundle(rng, plans, storage=storage, n_train=8, n_test=N_TEST, labels_are_tokens=True,
+                                  tasks=["corpus"])
+        assert vb.manifest["classes"] == vb.manifest["input"]["vocab"] and vb.tensors["train/input"].shape == (8, 4)
+        for spec in vb.manifest["layers"]:  # both ways of finding the next token are exercised
+            pos = vb.tensors[f"layer/{spec['name']}/position"].data
+            assert (pos == 3).any() and (pos < 3).any()
+    elif family == "text":
         plans = [LayerPlan("tok.emb", kind="embedding", in_features=6, out_features=3, bias=False, patterns=41),
                  LayerPlan("rare.emb", kind="embedding", in_features=30, out_features=2, bias=False, patterns=8),
                  LayerPlan("out", in_features=3, out_features=4, bias=True, patterns=60)]
@@ -253,6 +346,8 @@ def make(family: str, storage: str, layout: str, seed: int) -> iv.ValidBundle:
         q = vb.tensors["layer/rare.emb/queries"].data.copy()
         q[0] = unseen
         vb.tensors["layer/rare.emb/queries"] = iv.tensor(q.astype(np.int64))
+    else:
+        raise ValueError(f"unknown family {family!r}")
     if layout in ("chunked", "sharded"):
         for spec in vb.manifest["layers"]:
             T = spec["patterns"]
@@ -265,6 +360,42 @@ def write(vb: iv.ValidBundle, path: Path, layout: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- checks
+def determined_all(scores: np.ndarray, values: np.ndarray, tol: float) -> np.ndarray:
+    """`determined` for each of `values` at once ([k] bool)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros(0, dtype=bool)
+    near = np.abs(scores[None, :] - values[:, None]) <= tol
+    return ~np.any(near & (scores[None, :] != values[:, None]), axis=1)
+
+
+def _close(got, want, rel: float, tol, what: str) -> None:
+    """|got - want| <= max(rel·|want|, tol) elementwise (pytest.approx's rule, vectorised)."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    bound = np.maximum(rel * np.abs(want), tol)
+    bad = np.nonzero(~(np.abs(got - want) <= bound))[0]
+    assert not len(bad), f"{what}: rows {bad.tolist()[:5]} got {got[bad][:5]}, brute force {want[bad][:5]} (±{bound[bad][:5]})"
+
+
+def _check_rows(ranked, by: str, reverse: bool, s: np.ndarray, order: np.ndarray, ids: np.ndarray,
+                want: dict[str, np.ndarray], rel: float, atol: dict[str, np.ndarray], tol: float, what: str) -> None:
+    """Shared part of the rank checks. `s` are the candidates' scores (in candidate order, so
+    ties go to the lower candidate), `order` the brute-force top (candidate positions), `ids`
+    the rows' own candidate positions, `want` the brute force's scores at `ids`, each row's
+    fields within max(rel·|want|, atol)."""
+    np.testing.assert_allclose([r.score for r in ranked], s[order], rtol=0, atol=tol)
+    assert [r.rank for r in ranked] == list(range(1, len(ranked) + 1))
+    for name in SCORES:
+        _close([getattr(r, name) for r in ranked], want[name], rel, atol[name], f"{what} {name}")
+    assert all(r.score == getattr(r, by) for r in ranked)
+    fixed = determined_all(s, s[order], tol)
+    wrong = np.nonzero(fixed & (ids != order))[0]
+    assert not len(wrong), f"{what}: rank {wrong[0] + 1} holds {ids[wrong[0]]}, brute force {order[wrong[0]]} (score {s[order[wrong[0]]]})"
+    scores = [r.score for r in ranked]
+    assert scores == sorted(scores, reverse=not reverse)
+    assert len(set(ids.tolist())) == len(ranked)
+
+
 def check_pattern_ranks(bf: Brute, L: str, m: int, ranked, by: str, reverse: bool, top: int) -> None:
     lay = bf.layers[L]
     sc, ab = lay.scores(), lay.scales()
@@ -272,23 +403,15 @@ def check_pattern_ranks(bf: Brute, L: str, m: int, ranked, by: str, reverse: boo
     tol = REL * max(float(ab[by][:, m].max(initial=0.0)), 1e-12)
     order = ranking(s, reverse)[:top]
     assert len(ranked) == min(top, lay.T)
-    np.testing.assert_allclose([r.score for r in ranked], s[order], rtol=0, atol=tol)
-    for n, r in enumerate(ranked):
-        t = r.pattern
-        assert r.rank == n + 1
-        assert r.patterns is None
-        # the result's own fields are those of pattern t (exact float64 re-scoring)
-        for name in SCORES:
-            assert getattr(r, name) == pytest.approx(sc[name][t, m], rel=1e-9, abs=1e-12 * (1 + ab[name][t, m]))
-        assert r.score == getattr(r, by)
-        assert r.step == lay.step[t] and r.example == lay.example[t]
-        assert r.task == bf.train_task[lay.example[t]] and r.label == bf.train_label[lay.example[t]]
-        assert r.position == (None if lay.position is None else lay.position[t])
-        if determined(s, s[order[n]], tol):
-            assert t == order[n], f"rank {n + 1}: pattern {t}, brute force {order[n]} (score {s[order[n]]})"
-    scores = [r.score for r in ranked]
-    assert scores == sorted(scores, reverse=not reverse)
-    assert len({r.pattern for r in ranked}) == len(ranked)
+    t = np.array([r.pattern for r in ranked], dtype=np.int64)
+    assert all(r.patterns is None for r in ranked)
+    # the result's own fields are those of pattern t (exact float64 re-scoring)
+    _check_rows(ranked, by, reverse, s, order, t, {n: sc[n][t, m] for n in SCORES}, 1e-9,
+                {n: 1e-12 * (1 + ab[n][t, m]) for n in SCORES}, tol, f"layer {L} test {m} patterns by {by}")
+    assert [r.step for r in ranked] == lay.step[t].tolist() and [r.example for r in ranked] == lay.example[t].tolist()
+    assert [r.task for r in ranked] == bf.train_task[lay.example[t]].tolist()
+    assert [r.label for r in ranked] == bf.pattern_class(L)[t].tolist()
+    assert [r.position for r in ranked] == ([None] * len(t) if lay.position is None else lay.position[t].tolist())
 
 
 def check_example_ranks(bf: Brute, L: str, m: int, ranked, by: str, reverse: bool, top: int) -> None:
@@ -296,19 +419,36 @@ def check_example_ranks(bf: Brute, L: str, m: int, ranked, by: str, reverse: boo
     seen = np.nonzero(count)[0]
     s = sums[by][seen, m]
     tol = REL * max(float(scale[by][seen, m].max(initial=0.0)), 1e-12)
-    order = seen[ranking(s, reverse)[:top]]
+    order = ranking(s, reverse)[:top]
     assert len(ranked) == min(top, len(seen))
-    np.testing.assert_allclose([r.score for r in ranked], sums[by][order, m], rtol=0, atol=tol)
-    for n, r in enumerate(ranked):
-        e = r.example
-        assert r.rank == n + 1 and r.pattern is None and r.step is None
-        assert r.patterns == count[e] > 0
-        for name in SCORES:
-            assert getattr(r, name) == pytest.approx(sums[name][e, m], rel=0, abs=REL * scale[name][e, m] + 1e-12)
-        assert r.score == getattr(r, by)
-        assert r.task == bf.train_task[e] and r.label == bf.train_label[e]
-        if determined(s, sums[by][order[n], m], tol):
-            assert e == order[n]
+    e = np.array([r.example for r in ranked], dtype=np.int64)
+    assert np.all(count[e] > 0)
+    assert all(r.pattern is None and r.step is None for r in ranked)
+    assert [r.patterns for r in ranked] == count[e].tolist()
+    _check_rows(ranked, by, reverse, s, order, np.searchsorted(seen, e), {n: sums[n][e, m] for n in SCORES}, 0.0,
+                {n: REL * scale[n][e, m] + 1e-12 for n in SCORES}, tol, f"layer {L} test {m} examples by {by}")
+    assert [r.task for r in ranked] == bf.train_task[e].tolist() and [r.label for r in ranked] == bf.train_label[e].tolist()
+
+
+def check_position_ranks(bf: Brute, L: str, m: int, ranked, by: str, reverse: bool, top: int) -> None:
+    """Training tokens: slot e·span + p, ties broken by the lower slot."""
+    sums, scale, count = bf.position_sums(L)
+    span = bf.span
+    seen = np.nonzero(count)[0]
+    s = sums[by][seen, m]
+    tol = REL * max(float(scale[by][seen, m].max(initial=0.0)), 1e-12)
+    order = ranking(s, reverse)[:top]
+    assert len(ranked) == min(top, len(seen))
+    e = np.array([r.example for r in ranked], dtype=np.int64)
+    p = np.array([r.position for r in ranked], dtype=np.int64)
+    assert np.all((0 <= p) & (p < span))
+    slot = e * span + p
+    assert np.all(count[slot] > 0)
+    assert all(r.pattern is None and r.step is None for r in ranked)
+    assert [r.patterns for r in ranked] == count[slot].tolist()
+    _check_rows(ranked, by, reverse, s, order, np.searchsorted(seen, slot), {n: sums[n][slot, m] for n in SCORES}, 0.0,
+                {n: REL * scale[n][slot, m] + 1e-12 for n in SCORES}, tol, f"layer {L} test {m} tokens by {by}")
+    assert [r.task for r in ranked] == bf.train_task[e].tolist() and [r.label for r in ranked] == bf.slot_class(slot).tolist()
 
 
 def check_masses(bf: Brute, L: str, m: int, ms, step_bins: int) -> None:
@@ -384,15 +524,22 @@ def check_last_layer_identity(bf: Brute, L: str, m: int, ms) -> None:
     assert float(lay.scores()["effect"][:, m].sum()) + float(lay.initial()[m] @ g) == pytest.approx(rhs, abs=1e-4 * scale)
 
 
-def check_all(bf: Brute, L: str, tests: list[int], res: list, top: int, step_bins: int = 20) -> None:
+CHECK_RANKS = {"pattern": check_pattern_ranks, "example": check_example_ranks, "position": check_position_ranks}
+
+
+def check_all(bf: Brute, L: str, tests: list[int], res: list, top: int, step_bins: int = 20,
+              groups: tuple[str, ...] | None = None) -> None:
+    """Everything a spotlights() call with the default scores/reverse, summary and masses
+    returned; `groups` defaults to every grouping valid at the layer (Brute.groups)."""
+    groups = bf.groups(L) if groups is None else tuple(groups)
     assert [r.test for r in res] == tests
     for m, sp in zip(tests, res):
         assert sp.layer == L
-        assert set(sp.ranked) == {(b, g, r) for b in SCORES for g in ("pattern", "example") for r in (False, True)}
+        assert set(sp.ranked) == {(b, g, r) for b in SCORES for g in groups for r in (False, True)}
         for b in SCORES:
             for r in (False, True):
-                check_pattern_ranks(bf, L, m, sp.ranked[(b, "pattern", r)], b, r, top)
-                check_example_ranks(bf, L, m, sp.ranked[(b, "example", r)], b, r, top)
+                for g in groups:
+                    CHECK_RANKS[g](bf, L, m, sp.ranked[(b, g, r)], b, r, top)
         check_masses(bf, L, m, sp.masses, step_bins)
         check_summary(bf, L, m, sp.summary)
         check_last_layer_identity(bf, L, m, sp.masses)

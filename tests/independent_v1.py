@@ -206,19 +206,28 @@ def make_valid_bundle(
     tasks: list[str] | None = None,
     classes: list[str] | None = None,
     text: bool = False,
+    labels_are_tokens: bool = False,
     steps_per_pattern: int = 2,
 ) -> ValidBundle:
     """A tiny model whose dual form is exact by construction.
 
     w0, keys and values are random; keys and values are rounded to the storage dtype first and
     the weight is then computed from the *stored* numbers in float64 (w0 + valuesᵀ keys, or
-    row-wise scatter-adds for an embedding) and cast to float32 once."""
+    row-wise scatter-adds for an embedding) and cast to float32 once.
+
+    `labels_are_tokens` (implies `text`): a language model, whose classes are the vocabulary's
+    token strings, so every label and prediction is a token id (`classes` must then be None)."""
     layers = layers or [LayerPlan("net.0", in_features=5, out_features=4), LayerPlan("net.2", in_features=4, out_features=3, bias=False)]
     st = STORAGE[storage]
+    text = text or labels_are_tokens
     tasks = tasks if tasks is not None else ["task a", "task b"]
-    classes = classes if classes is not None else ["c0", "c1", "c2"]
     context = 4
     vocab_size = next((p.in_features for p in layers if p.kind == "embedding"), 7)
+    vocab = [f"tok{j}" for j in range(vocab_size)]
+    if labels_are_tokens:
+        assert classes is None, "a language model's classes are its vocabulary"
+        classes = list(vocab)
+    classes = classes if classes is not None else ["c0", "c1", "c2"]
     t: dict[str, Tensor] = {}
     man_layers = []
     for plan in layers:
@@ -274,7 +283,7 @@ def make_valid_bundle(
     if text:
         t["train/input"] = tensor(rng.integers(0, vocab_size, size=(n_train, context)).astype(np.int64))
         t["test/input"] = tensor(rng.integers(0, vocab_size, size=(n_test, context)).astype(np.int64))
-        inp = {"kind": "text", "vocab": [f"tok{j}" for j in range(vocab_size)], "context": context}
+        inp = {"kind": "text", "vocab": vocab, "context": context}
     else:
         t["train/input"] = tensor(rng.integers(0, 256, size=(n_train, 2, 3)).astype(np.uint8))
         t["test/input"] = tensor(rng.integers(0, 256, size=(n_test, 2, 3)).astype(np.uint8))

@@ -16,8 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bruteforce_v1 import (N_TEST, REL, SCORES, Brute, check_example_ranks, check_masses, check_pattern_ranks,
-                           check_summary, make, write)
+from bruteforce_v1 import (CHECK_RANKS, N_TEST, REL, SCORES, Brute, check_example_ranks, check_masses,
+                           check_pattern_ranks, check_summary, make, write)
 
 from dualtui.cli import app
 
@@ -64,9 +64,10 @@ def as_ranked(d: dict) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(path, brute force) for a chunked float32 MLP bundle and a sharded bfloat16 text bundle."""
+    """(path, brute force) for a chunked float32 MLP bundle, a sharded bfloat16 text classifier
+    and a chunked bfloat16 language model (classes are tokens)."""
     out = {}
-    for cfg in (("mlp", "float32", "chunked"), ("text", "bfloat16", "sharded")):
+    for cfg in (("mlp", "float32", "chunked"), ("text", "bfloat16", "sharded"), ("lm", "bfloat16", "chunked")):
         vb = make(*cfg, seed=101)
         path = write(vb, tmp_path_factory.mktemp("-".join(cfg)) / "run.safetensors", cfg[2])
         out[cfg[0]] = (path, Brute.from_valid(vb))
@@ -74,14 +75,16 @@ def runs(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- rank
-@pytest.mark.parametrize("family", ["mlp", "text"])
+@pytest.mark.parametrize("family", ["mlp", "text", "lm"])
 def test_rank_json_matches_brute_force(runs, family) -> None:
     path, bf = runs[family]
     layers = [s["name"] for s in bf.manifest["layers"]]
+    vocab = bf.manifest["input"].get("vocab")
     m = 3
     for L in layers:
+        assert ("position" in bf.groups(L)) == (family != "mlp")
         for by in SCORES:
-            for group in ("pattern", "example"):
+            for group in bf.groups(L):
                 for reverse in (False, True):
                     top = 4
                     args = [path, "--test", m, "--layer", L, "--by", by, "--group", group, "--top", top] + (["--reverse"] if reverse else [])
@@ -94,12 +97,17 @@ def test_rank_json_matches_brute_force(runs, family) -> None:
                         assert set(RESULT_FIELDS) <= set(r)
                         if group == "pattern":
                             assert {"pattern", "step"} <= set(r) and "patterns" not in r
-                            assert ("position" in r) == (family == "text")
+                            assert ("position" in r) == (family != "mlp")
                         else:
                             assert "patterns" in r and "pattern" not in r and "step" not in r
+                            assert ("position" in r) == (group == "position")
+                        if family != "mlp":  # the text around each result
+                            assert ({"context_before", "token", "next_token", "context_after"} <= set(r)) == (group != "example")
+                            assert ("text" in r) == (group == "example")
+                        if family == "lm" and group != "example":  # the label is the token trained to predict
+                            assert r["next_token"] == vocab[r["label"]]
                     ranked = [as_ranked(r) for r in d["results"]]
-                    check = check_pattern_ranks if group == "pattern" else check_example_ranks
-                    check(bf, L, m, ranked, by, reverse, top)
+                    CHECK_RANKS[group](bf, L, m, ranked, by, reverse, top)
                     rows = cli_csv("rank", *args)
                     assert len(rows) == len(d["results"])
                     for row, r in zip(rows, d["results"]):
@@ -120,7 +128,7 @@ def test_rank_defaults_to_last_layer_and_prints_a_table(runs) -> None:
 
 
 # ----------------------------------------------------------------------------- mass
-@pytest.mark.parametrize("family", ["mlp", "text"])
+@pytest.mark.parametrize("family", ["mlp", "text", "lm"])
 def test_mass_json_matches_brute_force(runs, family) -> None:
     path, bf = runs[family]
     layers = [s["name"] for s in bf.manifest["layers"]]
@@ -169,7 +177,7 @@ def test_mass_json_matches_brute_force(runs, family) -> None:
 
 
 # ----------------------------------------------------------------------------- layers
-@pytest.mark.parametrize("family", ["mlp", "text"])
+@pytest.mark.parametrize("family", ["mlp", "text", "lm"])
 def test_layers_json_matches_brute_force(runs, family) -> None:
     path, bf = runs[family]
     m = 0  # in the text bundle, rare.emb's query 0 matches no pattern: every α is 0
@@ -211,7 +219,7 @@ def assert_votes(got: dict, want: dict) -> None:
         assert got[k] == pytest.approx(want[k])
 
 
-@pytest.mark.parametrize("family", ["mlp", "text"])
+@pytest.mark.parametrize("family", ["mlp", "text", "lm"])
 def test_votes_json_matches_brute_force(runs, family) -> None:
     path, bf = runs[family]
     layers = [s["name"] for s in bf.manifest["layers"]]
@@ -258,7 +266,9 @@ def test_bad_choices_list_the_valid_ones(runs) -> None:
     err = usage_error("rank", path, "-t", 0, "--by", "size")
     assert all(c in err for c in SCORES)
     err = usage_error("rank", path, "-t", 0, "--group", "task")
-    assert "pattern" in err and "example" in err
+    assert "pattern" in err and "example" in err and "position" in err
+    err = usage_error("rank", path, "-t", 0, "--group", "position", "--json")  # an image run has no positions
+    assert "position" in err and err.strip().count("\n") == 0
     err = usage_error("rank", path, "-t", 0, "--device", "tpu")
     assert all(c in err for c in ("auto", "cpu", "cuda"))
     usage_error("rank", path, "-t", 0, "--top", 0)

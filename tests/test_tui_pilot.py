@@ -444,3 +444,51 @@ def test_open_starts_the_app_on_the_asked_test_and_layer(monkeypatch: pytest.Mon
     assert r.exit_code == 0, r.output
     assert len(started) == 1
     assert (started[0].test, started[0].layer) == (3, "net.2")
+
+
+# ----------------------------------------------------------------------------- text runs
+TEXT = ROOT / "sample_runs" / "text-docstrings.safetensors"
+
+
+def test_text_run_groupings_previews_and_exports_match_cli(tmp_path: Path) -> None:
+    """The language-model sample: `g` cycles pattern → example → training token (position),
+    every ranking is the CLI's, the previews show the test context with its prediction and the
+    training window with the attended token and the token it was trained to predict, and the
+    exports carry the same training text as `dualtui rank --csv/--json`."""
+    async def go() -> None:
+        app, run = new_app(TEXT, tmp_path, test=3, layer="blocks.0.up")
+        assert run.groups == ("pattern", "example", "position")
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot, app)
+            check_spotlight(app, TEXT)
+            vocab = run.vocab()
+            windows = run.bundle.array("train/input")
+            for key, group in (("g", "example"), ("g", "position"), ("b", "position"), ("g", "pattern")):
+                await pilot.press(key)
+                await settle(pilot, app)
+                assert app.group == group
+                check_spotlight(app, TEXT)
+                table = app.query_one("#spot-table", RankingTable)
+                row = table.ranked_rows[0]
+                # the selected row's training window: attended token highlighted, its target marked
+                train = app.query_one("#spot-train")
+                assert train.highlight == row.position
+                if row.position is not None:
+                    assert train.target == row.position + 1
+                    assert row.label == int(windows[row.example, row.position + 1])  # the next token's id
+                    cells = [str(c) for c in table.get_row_at(0)]
+                    snippet = vocab[int(windows[row.example, row.position])]
+                    assert any(snippet in c and "▸" in c for c in cells), cells
+                await pilot.press("x", "j")
+                await pilot.pause()
+                for ext in ("csv", "json"):
+                    assert app.export_path(ext).read_text() == cli_stdout(TEXT, *state(app), 100, ext)
+            # the test item: its context with the query position highlighted, the prediction after it
+            test_preview = app.query_one("#spot-test")
+            assert test_preview.highlight == run.context - 1
+            assert test_preview.suffix[0] == run.classes[run.test_item(3).prediction]
+            text = screen_text(app)
+            ctx = "".join(vocab[i] for i in run.bundle.array("test/input")[3][: run.context])
+            assert ctx[-8:].replace("\n", "⏎") in text.replace("\n", "")
+
+    asyncio.run(go())

@@ -89,3 +89,30 @@ def test_snapshot(snap_compare, dualtui_app: DualtuiApp, size: str, view: str) -
         assert pilot.app.query_one("#views").active == TABS[VIEWS[view][0]]
 
     assert snap_compare(dualtui_app, terminal_size=SIZES[size], run_before=run_before)
+
+
+TEXT_BUNDLE = Path("sample_runs") / "text-docstrings.safetensors"
+TEXT_VIEWS = {
+    "tests": ("2",),
+    "spotlight": ("3",),
+    "spotlight-by-token": ("3", "g", "g"),
+    "tasks": ("5",),
+}
+
+
+@pytest.mark.parametrize("view", list(TEXT_VIEWS))
+@pytest.mark.parametrize("size", list(SIZES))
+def test_text_snapshot(snap_compare, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, size: str, view: str) -> None:
+    """The language-model sample: contexts in the tests list, the test context with its
+    prediction, training windows with the attended token and its target, per-token grouping."""
+    monkeypatch.chdir(ROOT)
+    app = DualtuiApp(OpenRun(Bundle.open(TEXT_BUNDLE)), test=3, export_dir=tmp_path)
+
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        for key in TEXT_VIEWS[view]:
+            await pilot.press(key)
+            await settle(pilot)
+        assert pilot.app.query_one("#views").active == TABS[TEXT_VIEWS[view][0]]
+
+    assert snap_compare(app, terminal_size=SIZES[size], run_before=run_before)

@@ -158,7 +158,7 @@ def spotlights(
     *,
     top: int = 10,
     by: Sequence[str] = SCORES,
-    groups: Sequence[str] = GROUPS,
+    groups: Sequence[str] | None = None,
     reverse: Sequence[bool] = (False, True),
     summary: bool = True,
     masses: bool = True,
@@ -174,6 +174,8 @@ def spotlights(
     between blocks; when it returns True the pass stops with `Cancelled` (the TUI uses it to
     drop a computation the user has moved on from)."""
     tests = check_tests(bundle, tests)
+    if groups is None:  # every grouping the layer supports ("position" needs positions: text runs)
+        groups = GROUPS if bundle.has_position(layer) else tuple(g for g in GROUPS if g != "position")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     for b in by:
         if b not in SCORES:

@@ -694,14 +694,22 @@ class Recorder:
             training["interrupted"] = self.interrupted
         if self.check_failures:
             training["check_failures"] = self.check_failures
+        extra = {"not_covered": self._not_covered(), **self.extra}
         manifest = Manifest(layers=specs, tasks=tasks, classes=classes, input=self.input,
-                            optimizer=self._optimizer_json(), training=training, extra=self.extra)
+                            optimizer=self._optimizer_json(), training=training, extra=extra)
         coeffs = {lay.name: self.coefficients(lay.name)[1] for lay in self.layers.values()}
 
         def transform(layer: str, raw: np.ndarray, steps: np.ndarray) -> np.ndarray:
             return raw.astype(np.float64) * coeffs[layer][steps][:, None]
 
         return self.writer.finalize(manifest, static, transform)
+
+    def _not_covered(self) -> list[str]:
+        """Trained parameters outside the recorded layers (e.g. LayerNorm gains): the dual form
+        says nothing about them, and `dualtui info` says so."""
+        recorded = {id(p) for lay in self.layers.values() for p in lay.params}
+        trained = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        return [n for n, p in self.model.named_parameters() if id(p) in trained and id(p) not in recorded]
 
     def _detach(self) -> None:
         for layer in self.layers.values():

@@ -97,6 +97,7 @@ class TextConfig:
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
     tests: int = 200
+    max_chars: int | None = None  # use only the first max_chars characters of each corpus
     storage_dtype: str = "float32"
     seed: int = 0
 
@@ -144,6 +145,13 @@ def load_sources(corpus: list[Path] | None) -> list[Source]:
     return [read_corpus(p) for p in corpus] if corpus else [stdlib_docstrings()]
 
 
+def truncate(sources: list[Source], max_chars: int | None) -> list[Source]:
+    if max_chars is None:
+        return sources
+    return [s if len(s.text) <= max_chars else Source(s.name, s.text[:max_chars], f"{s.origin} (first {max_chars:,} characters)")
+            for s in sources]
+
+
 def training_windows(windows: Windows, cfg: TextConfig) -> np.ndarray:
     """Indices of the training windows the run will visit: all of them, or when the steps
     cannot reach every window, an evenly spread subset (so train/* holds only what was used)."""
@@ -169,6 +177,7 @@ def record_text(
     its dual form unless record=False, and write the bundle. Each corpus file is one task."""
     cfg = cfg or TextConfig()
     sources = sources if sources is not None else load_sources(corpus)
+    sources = truncate(sources, cfg.max_chars)
     windows = make_windows(sources, cfg.context, tests=cfg.tests)
     chosen = training_windows(windows, cfg)
     train = torch.from_numpy(windows.train[chosen])  # [N, context + 1]
@@ -208,6 +217,7 @@ def record_text(
         )
     interrupted = False
     losses: list[float] = []
+    tokens = 0  # training tokens seen (a pass's last batch may be short)
     try:
         model.train()
         for s, ids in enumerate(batches):
@@ -225,6 +235,7 @@ def record_text(
             opt.zero_grad(set_to_none=True)
             sched.step()
             losses.append(float(loss.detach()))
+            tokens += x.numel()
             if on_step:
                 on_step(s + 1, len(batches), losses[-1])
     except KeyboardInterrupt:
@@ -250,6 +261,6 @@ def record_text(
     acc["all"] = float(correct.mean())
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
     steps = rec.step_count if rec else len(losses)
-    return TextResult(Path(path), steps, acc, float(np.mean(tail)), steps * cfg.batch_size * cfg.context,
+    return TextResult(Path(path), steps, acc, float(np.mean(tail)), tokens,
                       interrupted, windows.origins)
 

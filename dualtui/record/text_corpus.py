@@ -146,7 +146,6 @@ def make_windows(sources: list[Source], context: int, *, test_fraction: float = 
         raise CorpusError(f"the held-out fraction must be between 0 and 1, not {test_fraction}")
     vocab = build_vocab([s.text for s in sources])
     train, train_task, train_off, test, test_task, chars = [], [], [], [], [], []
-    per_source = max(1, -(-tests // len(sources)))
     for k, s in enumerate(sources):
         ids = vocab.encode(s.text)
         cut = int(len(ids) * (1.0 - test_fraction))
@@ -161,7 +160,8 @@ def make_windows(sources: list[Source], context: int, *, test_fraction: float = 
         train_task.append(np.full(n, k, dtype=np.int64))
         train_off.append(starts)
         span = len(tail) - (context + 1)
-        m = min(per_source, span + 1)
+        share = max(1, tests // len(sources) + (k < tests % len(sources)))  # `tests` in all, shared out
+        m = min(share, span + 1)
         tstarts = np.unique(np.linspace(0, span, m).round().astype(np.int64))
         test.append(np.stack([tail[a : a + context + 1] for a in tstarts]))
         test_task.append(np.full(len(tstarts), k, dtype=np.int64))

@@ -10,7 +10,7 @@ import numpy as np
 from ..bundle.reader import Bundle
 from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, pattern_scores, spotlights
 from ..engine.stream import gather_rows
-from ..engine.text import is_text, position_span, visible
+from ..engine.text import is_text, labels_are_tokens, position_span, visible
 
 # Rows of the ranking the app asks the engine for (both ends, every score and grouping).
 TOP = 100
@@ -54,6 +54,7 @@ class OpenRun:
         self.train_label = bundle.array("train/label")
         self.train_task = bundle.array("train/task")
         self.is_text = is_text(bundle)
+        self.labels_are_tokens = labels_are_tokens(bundle)
         self.context = position_span(bundle) if self.is_text else 0
         # Grouping per training token needs positions at every layer (text runs).
         with_positions = self.is_text and all(bundle.has_position(L) for L in self.layers)
@@ -129,6 +130,15 @@ class OpenRun:
             return text_window(tokens[:width], None, width=width)
         nxt = tokens[row.position + 1] if row.position + 1 < len(tokens) else None
         return text_window(tokens[: row.position + 1], row.position, next_token=nxt, width=width)
+
+    def test_snippet(self, m: int, width: int) -> "Text":
+        """The end of a test item's context, the query position highlighted (text runs)."""
+        from .render import text_window
+
+        data, marks = self.test_preview(m)
+        vocab = self.vocab() or []
+        tokens = [] if data is None else [vocab[i] if 0 <= i < len(vocab) else "?" for i in np.asarray(data).reshape(-1).tolist()]
+        return text_window(tokens, marks.get("highlight"), width=width)
 
     def vocab(self) -> list[str] | None:
         v = self.bundle.manifest.input.get("vocab")

@@ -95,6 +95,12 @@ def _visible(token: str) -> str:
     return shown if cell_len(shown) else "·"
 
 
+def _alone(token: str) -> str:
+    """A token shown by itself (after "▸"): a space would vanish, so it is drawn as ␣."""
+    shown = _visible(token)
+    return shown if shown.strip() else "␣" * max(len(shown), 1)
+
+
 def text_window(tokens: list[str], highlight: int | None = None, *, next_token: str | None = None,
                 width: int | None = None) -> Text:
     """One-line view of a context window: ``highlight`` in "reverse bold", then "▸next" in green.
@@ -109,7 +115,7 @@ def text_window(tokens: list[str], highlight: int | None = None, *, next_token: 
     n = len(shown)
     if highlight is not None and not 0 <= highlight < n:
         highlight = None
-    suffix = "▸" + (_visible(next_token) if next_token.strip() else "␣" * max(len(next_token), 1)) if next_token is not None else ""
+    suffix = "▸" + _alone(next_token) if next_token is not None else ""
     lo, hi = 0, n
     if width is not None and sum(map(cell_len, shown)) + cell_len(suffix) > width and n:
         # Grow a window outwards from the anchor, alternating sides; each "…" costs one cell.
@@ -155,7 +161,7 @@ def text_block(tokens: list[str], highlight: int | None = None, *, target: int |
         if "\n" in tok:
             out.append("\n")
     if suffix is not None:
-        out.append("▸" + (_visible(suffix) if suffix.strip() else "␣" * max(len(suffix), 1)), suffix_style)
+        out.append("▸" + _alone(suffix), suffix_style)
     return out
 
 

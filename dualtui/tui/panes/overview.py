@@ -40,7 +40,13 @@ class OverviewPane(VerticalScroll):
         t.append(f"tasks ({len(m.tasks)}): ", style="bold")
         t.append(", ".join(m.tasks) + "\n")
         t.append(f"classes ({len(m.classes)}): ", style="bold")
-        t.append(", ".join(m.classes[:24]) + (" …" if len(m.classes) > 24 else "") + "\n")
+        names = [self.run.class_name(i) for i in range(min(24, len(m.classes)))]  # text runs: visible tokens
+        t.append(", ".join(names) + (" …" if len(m.classes) > 24 else "") + "\n")
+        if isinstance(m.extra.get("not_covered"), list):
+            nc = m.extra["not_covered"]
+            t.append("coverage: ", style="bold")
+            t.append(("not covered by the dual form: " + ", ".join(map(str, nc))) if nc else "every trained parameter is recorded")
+            t.append("\n")
         if m.optimizer:
             t.append("optimizer: ", style="bold")
             t.append(", ".join(f"{k}={_short(v)}" for k, v in m.optimizer.items() if v not in (None, False, 0, 0.0)) + "\n")

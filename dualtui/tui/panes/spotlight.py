@@ -90,12 +90,19 @@ class SpotlightPane(Horizontal):
         data, marks = self.run.train_preview(row)
         train.show(data, cap, **marks)
         scores = self.run.across_layers(app.test, row, app.group, app.results)
-        t = Table(box=None, pad_edge=False, title="at every layer", title_justify="left")
-        # The layer's name must stay readable (blocks.0.attn.q); the numbers give way first.
-        t.add_column("layer", no_wrap=True, min_width=min(20, max(len(sc.layer) for sc in scores) + 2) if scores else None)
-        t.add_column("attention")
-        t.add_column("effect")
-        for sc in scores:
-            # Three digits: the side panel is narrow and layer names are long (blocks.0.attn.q).
-            t.add_row(sc.layer + ("" if sc.exact_pattern or app.group != "pattern" else " Σ"), f"{sc.attention:.3g}", f"{sc.effect:.3g}")
+        rows = [(sc.layer + ("" if sc.exact_pattern or app.group != "pattern" else " Σ"), f"{sc.attention:.3g}", f"{sc.effect:.3g}")
+                for sc in scores]
+        w_name = max([len("layer")] + [len(r[0]) for r in rows])
+        w_att = max([len("attention")] + [len(r[1]) for r in rows])
+        w_eff = max([len("effect")] + [len(r[2]) for r in rows])
+        if w_name + w_att + w_eff + 2 <= (across.size.width or 26):
+            t = Table("layer", "attention", "effect", box=None, pad_edge=False, title="at every layer", title_justify="left")
+            for row in rows:
+                t.add_row(*row)
+        else:  # a narrow side panel (80 columns): each layer's name on its own line, numbers below
+            t = Text()
+            t.append("at every layer (α, effect)\n", style="italic")
+            for name, a, e in rows:
+                t.append(name + "\n", style="bold")
+                t.append(f"α {a}  eff {e}\n")
         across.update(t)

@@ -35,7 +35,7 @@ class TestsPane(Horizontal):
 
     def on_mount(self) -> None:
         table = self.query_one("#tests-table", DataTable)
-        table.add_columns("#", "label", "predicted", "", "task")
+        table.add_columns("#", "label", "predicted", "", "task", *(["context"] if self.run.is_text else []))
         self.fill()
 
     def fill(self) -> None:
@@ -50,8 +50,9 @@ class TestsPane(Horizontal):
         for i in self.shown:
             it = self.run.test_item(i)
             mark = Text("✓", style="green") if it.correct else Text("✗", style="bold red")
+            extra = [self.run.test_snippet(i, 28)] if self.run.is_text else []
             table.add_row(str(i), self.run.class_name(it.label), self.run.class_name(it.prediction), mark,
-                          self.run.task_name(it.task), key=str(i))
+                          self.run.task_name(it.task), *extra, key=str(i))
         more = f" (first {PAGE}; jump to reach the rest)" if len(idx) > PAGE else ""
         wrong = int(sum(not self.run.test_item(i).correct for i in idx))
         self.query_one("#tests-count", Static).update(f"{len(idx):,} test items, {wrong:,} wrong{more} · Enter: spotlight")

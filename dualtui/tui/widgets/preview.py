@@ -66,4 +66,5 @@ class Preview(Widget):
     def get_content_height(self, container, viewport, width: int) -> int:  # noqa: ANN001
         body = self._body(max(4, width))
         lines = len(body.wrap(self.app.console, max(4, width))) if isinstance(body, Text) else 1
-        return lines + max(1, len(self.caption.plain.split("\n")))
+        # Captions wrap in a narrow side panel: count wrapped lines, or the body gets cut off.
+        return lines + max(1, len(self.caption.wrap(self.app.console, max(4, width))))
