@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,21 +101,32 @@ class Vocab:
         self.unknown = self.index.get(UNKNOWN)
 
     def encode(self, text: str) -> np.ndarray:
+        """Token ids of a text, vectorised over code points (a 20 MB corpus in well under a second)."""
         unk = self.unknown if self.unknown is not None else 0
-        return np.fromiter((self.index.get(c, unk) for c in text), dtype=np.int64, count=len(text))
+        table = np.full(0x110000, unk, dtype=np.int64)  # code point -> id: one gather per text
+        for t, i in self.index.items():
+            if len(t) == 1:
+                table[ord(t)] = i
+        return table[_code_points(text)]
 
     def decode(self, ids: np.ndarray) -> str:
         return "".join(self.tokens[i] for i in np.asarray(ids).reshape(-1).tolist())
 
 
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
 def build_vocab(texts: list[str], max_size: int = MAX_VOCAB) -> Vocab:
-    counts = Counter()
+    """Every character, or the max_size − 1 most frequent (ties: lower code point) + UNKNOWN."""
+    counts = np.zeros(0x110000, dtype=np.int64)
     for t in texts:
-        counts.update(t)
-    if len(counts) <= max_size:
-        return Vocab(sorted(counts))
-    kept = [c for c, _ in counts.most_common(max_size - 1)]
-    return Vocab(sorted(kept) + [UNKNOWN])
+        counts += np.bincount(_code_points(t), minlength=0x110000)
+    present = np.nonzero(counts)[0]
+    if len(present) <= max_size:
+        return Vocab([chr(c) for c in present.tolist()])
+    order = present[np.lexsort((present, -counts[present]))][: max_size - 1]
+    return Vocab([chr(c) for c in sorted(order.tolist())] + [UNKNOWN])
 
 
 @dataclass
@@ -156,14 +166,14 @@ def make_windows(sources: list[Source], context: int, *, test_fraction: float = 
                               f"need at least {least:,}")
         n = (len(head) - 1) // context
         starts = np.arange(n) * context
-        train.append(np.stack([head[a : a + context + 1] for a in starts]))
+        train.append(np.lib.stride_tricks.sliding_window_view(head, context + 1)[::context][:n].copy())
         train_task.append(np.full(n, k, dtype=np.int64))
         train_off.append(starts)
         span = len(tail) - (context + 1)
         share = max(1, tests // len(sources) + (k < tests % len(sources)))  # `tests` in all, shared out
         m = min(share, span + 1)
         tstarts = np.unique(np.linspace(0, span, m).round().astype(np.int64))
-        test.append(np.stack([tail[a : a + context + 1] for a in tstarts]))
+        test.append(np.lib.stride_tricks.sliding_window_view(tail, context + 1)[tstarts].copy())
         test_task.append(np.full(len(tstarts), k, dtype=np.int64))
         chars.append((len(head), len(tail)))
     names = [s.name if [t.name for t in sources].count(s.name) == 1 else f"{s.name} ({k + 1})" for k, s in enumerate(sources)]
