@@ -157,7 +157,9 @@ def info(
     out.print(f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}")
     shown = [visible(c, alone=True) for c in d["classes"][:20]] if d["input"].get("kind") == "text" else d["classes"][:20]
     out.print(f"classes ({len(d['classes'])}): {', '.join(shown)}{' …' if len(d['classes']) > 20 else ''}")
-    out.print(f"train examples: {d['train_size']:,}   test items: {d['test_size']:,}   input: {d['input'].get('kind')}")
+    inp = d["input"]
+    detail = f" (context {inp.get('context')}, vocabulary {inp.get('vocab_size')})" if inp.get("kind") == "text" else ""
+    out.print(f"train examples: {d['train_size']:,}   test items: {d['test_size']:,}   input: {inp.get('kind')}{detail}")
     opt = d["optimizer"]
     if opt:
         out.print("optimizer: " + ", ".join(f"{k}={v}" for k, v in opt.items()))
