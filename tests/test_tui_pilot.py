@@ -64,7 +64,9 @@ def cli_top(bundle: Path, app: DualtuiApp, k: int = TOP) -> list[tuple]:
 
 async def settle(pilot, app: DualtuiApp) -> None:
     """Wait for the spotlight / verify workers, then for the screen to catch up."""
-    await app.workers.wait_for_complete()
+    # A finished spotlight starts the verify worker: wait until no worker is left running.
+    while any(not w.is_finished for w in app.workers):
+        await app.workers.wait_for_complete()
     await pilot.pause()
 
 

@@ -50,7 +50,9 @@ def _tables_pending(app: App) -> bool:
 
 async def settle(pilot) -> None:
     app = pilot.app
-    await app.workers.wait_for_complete()
+    # A finished spotlight starts the verify worker: wait until no worker is left running.
+    while any(not w.is_finished for w in app.workers):
+        await app.workers.wait_for_complete()
     await pilot.pause()
     for field in app.query(Input):
         field.cursor_blink = False

@@ -88,6 +88,8 @@ class DualtuiApp(App[None]):
     def on_mount(self) -> None:
         self.sub_title = str(self.open_run.bundle.path)
         self.compute()
+        if self.start_view == "overview":
+            self.query_one(OverviewPane).start_verify()
 
     # ------------------------------------------------------------------ state
     def set_state(self, **changes: object) -> None:
@@ -146,6 +148,8 @@ class DualtuiApp(App[None]):
         if generation == self._generation and test == self.test:
             self.results[layer] = spot
             self.refresh_views()
+        if len(cached) == len(self.open_run.layers):  # the first complete spotlight: now verify
+            self.query_one(OverviewPane).start_verify()
 
     # ------------------------------------------------------------------ actions
     def action_view(self, view: str) -> None:
@@ -153,6 +157,8 @@ class DualtuiApp(App[None]):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.refresh_views()  # panes size their bars to the width they now have
+        if event.pane.id == "overview":
+            self.query_one(OverviewPane).start_verify()
 
     def action_cycle_by(self) -> None:
         self.set_state(by=SCORES[(SCORES.index(self.by) + 1) % len(SCORES)])

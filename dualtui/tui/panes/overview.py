@@ -23,6 +23,7 @@ class OverviewPane(VerticalScroll):
     def __init__(self, run: OpenRun, **kw):
         super().__init__(**kw)
         self.run = run
+        self.verify_started = False
 
     def compose(self) -> ComposeResult:
         yield Static(id="overview-text")
@@ -60,6 +61,16 @@ class OverviewPane(VerticalScroll):
             nbytes = sum(b.info(n).end - b.info(n).start for n in b.tensor_names if n.startswith(f"layer/{spec.name}/"))
             table.add_row(spec.name, spec.kind, f"{spec.in_features} → {spec.out_features}", f"{spec.patterns:,}",
                           _DT.get(b.storage_dtype(spec.name), "?"), _size(nbytes), "…", key=spec.name)
+        self.query_one("#verify-status", Static).update(
+            "verify (primal == dual) starts when the first spotlight is complete, or now if you stay on this tab")
+        self.verify_started = False
+
+    def start_verify(self) -> None:
+        """Verify every layer, once. Deferred: started at mount it competed with the first
+        spotlight for the CPU and doubled its time (benchmarks/README.md, TUI)."""
+        if self.verify_started:
+            return
+        self.verify_started = True
         self.query_one("#verify-status", Static).update("verifying primal == dual …")
         self.verify()
 
