@@ -256,7 +256,7 @@ class Bundle:
     def validate_contents(self, rows: int = 1 << 16) -> None:
         """Stream through every tensor: ids in range, steps in order, floats finite."""
         m = self.manifest
-        n_train, n_test = self.train_size, self.test_size
+        n_train = self.train_size
         n_tasks, n_classes = len(m.tasks), len(m.classes)
 
         def ids(name: str, upper: int, what: str) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from rich.text import Text
 
 from ..bundle.reader import Bundle
 from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, pattern_scores, spotlights
@@ -117,7 +118,7 @@ class OpenRun:
             return tokens[: self.context], {}
         return tokens, {"highlight": row.position, "target": row.position + 1 if row.position + 1 < len(tokens) else None}
 
-    def snippet(self, row: Ranked, width: int) -> "Text":
+    def snippet(self, row: Ranked, width: int) -> Text:
         """One line of training text for a ranked row: the attended token reversed and the token
         it was trained to predict after "▸" (the whole window's start for an example)."""
         from .render import text_window
@@ -131,7 +132,7 @@ class OpenRun:
         nxt = tokens[row.position + 1] if row.position + 1 < len(tokens) else None
         return text_window(tokens[: row.position + 1], row.position, next_token=nxt, width=width)
 
-    def test_snippet(self, m: int, width: int) -> "Text":
+    def test_snippet(self, m: int, width: int) -> Text:
         """The end of a test item's context, the query position highlighted (text runs)."""
         from .render import text_window
 

@@ -15,7 +15,7 @@ from ...engine.spotlight import Ranked
 from ..messages import RowSelected
 from ..model import OpenRun
 from ..widgets.preview import Preview
-from ..widgets.ranking_table import RankingTable, fmt
+from ..widgets.ranking_table import RankingTable
 
 if TYPE_CHECKING:
     from ..app import DualtuiApp
