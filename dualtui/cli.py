@@ -6,12 +6,13 @@ Heavy modules (torch, the engine, the recorder) are imported inside commands so 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
@@ -143,7 +144,7 @@ def info(
         return
     from rich.table import Table
 
-    from .engine.text import visible
+    from .tokens import visible
 
     out = _stdout()
     out.print(f"[bold]{d['bundle']}[/]  format v{d['version']}, {_human_bytes(d['size_bytes'])}"
@@ -236,28 +237,47 @@ def record_digits_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """An MLP (64→H→H→10, SGD with momentum) on scikit-learn's 1,797 real 8×8 digits."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .record.digits import record_digits
 
-    out_path = output or Path(f"digits-{setting.value}.safetensors")
-    if not str(out_path).endswith(".safetensors"):
-        raise UsageError(f"--output must end in .safetensors: {out_path}")
+    out_path = _bundle_output(output or Path(f"digits-{setting.value}.safetensors"))
     err = _stderr()
-    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task("train", total=None)
-
-        def on_step(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with _training_progress(err) as on_step:
         result = record_digits(out_path, setting.value, epochs=epochs, hidden=hidden, batch_size=batch_size, lr=lr,
                                momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm,
                                storage_dtype=dtype.value, seed=seed, on_step=on_step)
-    summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted, "test_accuracy": result.accuracy}
+    _report_recording(err, result, {}, "test accuracy", as_json)
+
+
+def _bundle_output(path: Path) -> Path:
+    if not str(path).endswith(".safetensors"):
+        raise UsageError(f"--output must end in .safetensors: {path}")
+    return path
+
+
+@contextlib.contextmanager
+def _training_progress(err: Any) -> Iterator[Callable[..., None]]:
+    """A transient progress bar on stderr; yields on_step(done, total[, loss])."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("train", total=None, loss="")
+
+        def on_step(done: int, total: int, loss: float | None = None) -> None:
+            bar.update(task, completed=done, total=total, loss="" if loss is None else f"loss {loss:.3f}")
+
+        yield on_step
+
+
+def _report_recording(err: Any, result: Any, extra: dict, accuracy_label: str, as_json: bool) -> None:
+    """The summary of a built-in recording (JSON on stdout with --json), accuracy per task on
+    stderr, and exit 130 after an interrupt (the bundle of the completed steps is written)."""
+    summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted, **extra,
+               "test_accuracy": result.accuracy}
     if as_json:
         _emit_json(summary)
     for name, acc in result.accuracy.items():
-        err.print(f"test accuracy {name:>12}: {acc:6.1%}")
+        err.print(f"{accuracy_label} {name:>12}: {acc:6.1%}")
     if result.interrupted:
         err.print(f"interrupted after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
         raise typer.Exit(int(ExitCode.INTERRUPTED))
@@ -292,8 +312,6 @@ def record_text_cmd(
     Every position of every training window is one key/value pattern per layer, so the
     bundle grows with training tokens × layers: the size is printed before training starts.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .record.text import TextConfig, TrainingDiverged, estimate_bytes, load_sources, record_text, truncate
     from .record.text_corpus import CorpusError, make_windows
 
@@ -301,45 +319,26 @@ def record_text_cmd(
         raise UsageError(f"--heads {heads} must divide --width {width}")
     try:
         sources = truncate(load_sources(corpus), max_chars)
-        vocab_size = len(make_windows(sources, context, tests=tests).vocab.tokens)  # checks the length too
+        windows = make_windows(sources, context, tests=tests)  # checks the length too, before anything trains
     except CorpusError as e:  # an unusable corpus is a bad input file, like a bad bundle
         fail(ExitCode.INVALID_BUNDLE, str(e))
     stem = sources[0].name if len(sources) == 1 else "corpora"
-    out_path = output or Path(f"text-{stem}.safetensors")
-    if not str(out_path).endswith(".safetensors"):
-        raise UsageError(f"--output must end in .safetensors: {out_path}")
+    out_path = _bundle_output(output or Path(f"text-{stem}.safetensors"))
     cfg = TextConfig(context=context, width=width, blocks=blocks, heads=heads, steps=steps, batch_size=batch_size, lr=lr,
                      momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm or None, tests=tests, max_chars=max_chars,
                      storage_dtype=dtype.value, seed=seed)
     err = _stderr()
     command = "dualtui record text " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["record", "text"] else None
-    est = estimate_bytes(cfg, vocab_size)
+    est = estimate_bytes(cfg, len(windows.vocab.tokens))
     err.print(f"recording {steps * batch_size * context:,} training tokens × {est.layers} layers ≈ {_human_bytes(est.total)} "
               f"({est.per_token:,.0f} B per token)")
-    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
-        task = bar.add_task("train", total=steps, loss="-")
-
-        def on_step(done: int, total: int, loss: float) -> None:
-            bar.update(task, completed=done, total=total, loss=f"{loss:.3f}")
-
+    with _training_progress(err) as on_step:
         try:
-            result = record_text(out_path, cfg=cfg, sources=sources, on_step=on_step, command=command)
-        except CorpusError as e:
-            fail(ExitCode.INVALID_BUNDLE, str(e))
+            result = record_text(out_path, cfg=cfg, windows=windows, on_step=on_step, command=command)
         except TrainingDiverged as e:
             fail(ExitCode.CHECK_FAILED, f"{e}; the bundle of the completed steps is {out_path}")
-    summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted,
-               "train_loss": result.train_loss, "test_accuracy": result.accuracy}
-    if as_json:
-        _emit_json(summary)
     err.print(f"train loss (last 10% of steps): {result.train_loss:.3f}")
-    for name, acc in result.accuracy.items():
-        err.print(f"next-character accuracy {name:>12}: {acc:6.1%}")
-    if result.interrupted:
-        err.print(f"interrupted after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
-    err.print(f"wrote {result.path} ({result.steps} steps)")
+    _report_recording(err, result, {"train_loss": result.train_loss}, "next-character accuracy", as_json)
 
 
 @app.command("open")

@@ -140,7 +140,7 @@ def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list
     from rich.table import Table
     from rich.text import Text
 
-    from .engine.text import visible
+    from .tokens import visible
 
     name = lambda i: visible(classes[i], alone=True) if 0 <= i < len(classes) else str(i)  # noqa: E731
     head = Text(f"test {d['test']} · layer {layer} · {order}\n")
@@ -219,7 +219,8 @@ def mass(
         return
     from rich.table import Table
 
-    from .engine.text import labels_are_tokens, visible
+    from .engine.text import labels_are_tokens
+    from .tokens import visible
 
     out = _stdout()
     text = labels_are_tokens(b)  # a language model's classes are next tokens

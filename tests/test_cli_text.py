@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from dualtui.bundle import Bundle
 from dualtui.cli import app
-from dualtui.engine.text import visible
+from dualtui.tokens import visible
 from dualtui.exit_codes import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]

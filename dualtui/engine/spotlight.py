@@ -19,7 +19,7 @@ import torch
 
 from ..bundle.reader import Bundle
 from .stream import block_rows, gather_rows, pick_device, stream_blocks
-from .text import NextTokens, labels_are_tokens, next_token_of, position_span
+from .text import NextTokens, labels_are_tokens, next_tokens, position_span
 from .topk import RunningTopK, top_of_dense
 
 SCORES = ("attention", "magnitude", "effect")
@@ -298,14 +298,14 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
         sums = {s: t.cpu().numpy() for s, t in ex_sums.items()}
         count = ex_count.cpu().numpy()
         if "example" in groups:
-            _fill_example_ranks(bundle, results, sums, count, by, reverse, top)
+            _fill_slot_ranks(bundle, results, "example", sums, count, 1, by, reverse, top)
         if dense_examples:
             for j, res in enumerate(results):
                 res.example_scores = {s: sums[s][:, j].copy() for s in SCORES}
                 res.example_patterns = count
     if by_position:
         sums = {s: t.cpu().numpy() for s, t in pos_sums.items()}
-        _fill_position_ranks(bundle, results, sums, pos_count.cpu().numpy(), span, by, reverse, top)
+        _fill_slot_ranks(bundle, results, "position", sums, pos_count.cpu().numpy(), span, by, reverse, top)
     return results
 
 
@@ -378,50 +378,36 @@ def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], ac
             position = gather_rows(bundle, layer, "position", idx) if with_position else None
             # Re-sort on the exact float64 scores (the pass ranked in float32).
             order = np.lexsort((idx, sc[b] if r else -sc[b]))
-            label = [int(train_label[e]) if position is None or not text else next_token_of(bundle, int(e), int(p))
-                     for e, p in zip(example, position if position is not None else example)]
+            label = next_tokens(bundle, example, position) if text else train_label[example]
             res.ranked[(b, "pattern", r)] = [
                 Ranked(rank=n + 1, score=float(sc[b][i]), attention=float(sc["attention"][i]), magnitude=float(sc["magnitude"][i]),
                        effect=float(sc["effect"][i]), example=int(example[i]), task=int(train_task[example[i]]),
-                       label=label[i], pattern=int(idx[i]), step=int(step[i]),
+                       label=int(label[i]), pattern=int(idx[i]), step=int(step[i]),
                        position=None if position is None else int(position[i]))
                 for n, i in enumerate(order)
             ]
 
 
-def _fill_example_ranks(bundle: Bundle, results: list[Spotlight], sums: dict[str, np.ndarray], count: np.ndarray,
-                        by: tuple[str, ...], reverse: tuple[bool, ...], top: int) -> None:
+def _fill_slot_ranks(bundle: Bundle, results: list[Spotlight], group: str, sums: dict[str, np.ndarray], count: np.ndarray,
+                     span: int, by: tuple[str, ...], reverse: tuple[bool, ...], top: int) -> None:
+    """Rank dense per-slot sums. "example": slot e is training example e (span 1). "position":
+    slot e·span + p is the training token at position p of example e (its label is the token
+    it was trained to predict in language-model runs)."""
     train_task = bundle.array("train/task")
     train_label = bundle.array("train/label")
-    seen = np.nonzero(count > 0)[0]  # examples never trained on have no patterns to rank
+    tokens = group == "position"
+    next_token_labels = tokens and labels_are_tokens(bundle)
+    seen = np.nonzero(count > 0)[0]  # slots never trained on have no patterns to rank
     for j, res in enumerate(results):
         for b in by:
             for r in reverse:
                 chosen = seen[top_of_dense(sums[b][seen, j], top, reverse=r)]
-                res.ranked[(b, "example", r)] = [
-                    Ranked(rank=n + 1, score=float(sums[b][e, j]), attention=float(sums["attention"][e, j]),
-                           magnitude=float(sums["magnitude"][e, j]), effect=float(sums["effect"][e, j]), example=int(e),
-                           task=int(train_task[e]), label=int(train_label[e]), patterns=int(count[e]))
-                    for n, e in enumerate(chosen)
-                ]
-
-
-def _fill_position_ranks(bundle: Bundle, results: list[Spotlight], sums: dict[str, np.ndarray], count: np.ndarray, span: int,
-                         by: tuple[str, ...], reverse: tuple[bool, ...], top: int) -> None:
-    """Rank training tokens: slot e·span + p sums the patterns of example e at position p."""
-    train_task = bundle.array("train/task")
-    text = labels_are_tokens(bundle)
-    train_label = bundle.array("train/label")
-    seen = np.nonzero(count > 0)[0]
-    for j, res in enumerate(results):
-        for b in by:
-            for r in reverse:
-                chosen = seen[top_of_dense(sums[b][seen, j], top, reverse=r)]
-                res.ranked[(b, "position", r)] = [
+                example, position = chosen // span, chosen % span
+                label = next_tokens(bundle, example, position) if next_token_labels else train_label[example]
+                res.ranked[(b, group, r)] = [
                     Ranked(rank=n + 1, score=float(sums[b][s, j]), attention=float(sums["attention"][s, j]),
-                           magnitude=float(sums["magnitude"][s, j]), effect=float(sums["effect"][s, j]), example=int(s // span),
-                           task=int(train_task[s // span]),
-                           label=next_token_of(bundle, int(s // span), int(s % span)) if text else int(train_label[s // span]),
-                           position=int(s % span), patterns=int(count[s]))
+                           magnitude=float(sums["magnitude"][s, j]), effect=float(sums["effect"][s, j]), example=int(example[n]),
+                           task=int(train_task[example[n]]), label=int(label[n]),
+                           position=int(position[n]) if tokens else None, patterns=int(count[s]))
                     for n, s in enumerate(chosen)
                 ]

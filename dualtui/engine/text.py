@@ -15,21 +15,6 @@ import torch
 
 from ..bundle.reader import Bundle
 
-# Control characters drawn as visible glyphs, so a context never breaks a table row.
-VISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍", " ": " "}
-
-
-def visible(token: str, alone: bool = False) -> str:
-    """A token as one or more printable characters (newline → ⏎, tab → ⇥, other controls → ·).
-    `alone`: the token is shown by itself (a prediction, a class name), so a space shows as ␣."""
-    if not token:
-        return "·" if alone else ""
-    shown = "".join(VISIBLE.get(ch) or (ch if ch.isprintable() else "·") for ch in token)
-    if alone and shown.strip() == "":
-        shown = "␣" * max(len(shown), 1)
-    return shown
-
-
 def is_text(bundle: Bundle) -> bool:
     return bundle.manifest.input.get("kind") == "text" and bundle.has("train/input")
 
@@ -60,7 +45,8 @@ def position_span(bundle: Bundle) -> int:
 
 
 class NextTokens:
-    """The token each (example, position) was trained to predict, as a device lookup."""
+    """The token each (example, position) was trained to predict, as a device lookup for the
+    streaming pass (the numpy twin for a few rows is `next_tokens`)."""
 
     def __init__(self, bundle: Bundle, device: torch.device):
         windows = np.asarray(bundle.array("train/input"))
@@ -76,11 +62,17 @@ class NextTokens:
         return torch.where(inside, self.windows[example, nxt], self.after[example])
 
 
-def next_token_of(bundle: Bundle, example: int, position: int) -> int:
-    windows = bundle.array("train/input", example, example + 1)[0].reshape(-1)
-    if position + 1 < len(windows):
-        return int(windows[position + 1])
-    return int(bundle.array("train/label")[example])
+def next_tokens(bundle: Bundle, examples: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The tokens that (examples[i], positions[i]) were trained to predict (ranked rows: reads
+    only those windows from the memory map)."""
+    examples = np.asarray(examples, dtype=np.int64)
+    positions = np.asarray(positions, dtype=np.int64)
+    windows = bundle.array("train/input")
+    windows = windows.reshape(len(windows), -1)
+    after = positions + 1
+    inside = after < windows.shape[1]
+    got = windows[examples, np.minimum(after, windows.shape[1] - 1)].astype(np.int64)
+    return np.where(inside, got, bundle.array("train/label")[examples].astype(np.int64))
 
 
 def _decode(tokens: list[str], ids: np.ndarray) -> str:
@@ -93,7 +85,7 @@ def position_context(bundle: Bundle, example: int, position: int, before: int = 
     tokens = vocab(bundle)
     span = position_span(bundle)
     row = bundle.array("train/input", example, example + 1)[0].reshape(-1).astype(np.int64)
-    nxt = next_token_of(bundle, example, position)
+    nxt = int(next_tokens(bundle, np.array([example]), np.array([position]))[0])
     return {
         "context_before": _decode(tokens, row[max(0, position - before) : position]),
         "token": _decode(tokens, row[position : position + 1]),

@@ -170,15 +170,18 @@ def record_text(
     *,
     record: bool = True,
     sources: list[Source] | None = None,
+    windows: Windows | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     command: str | None = None,
 ) -> TextResult:
     """Train the character Transformer on `corpus` (default: Python's docstrings), recording
-    its dual form unless record=False, and write the bundle. Each corpus file is one task."""
+    its dual form unless record=False, and write the bundle. Each corpus file is one task.
+    `windows`: already cut from the sources with this cfg (the CLI cuts them first, to refuse a
+    bad corpus before anything is printed or trained)."""
     cfg = cfg or TextConfig()
-    sources = sources if sources is not None else load_sources(corpus)
-    sources = truncate(sources, cfg.max_chars)
-    windows = make_windows(sources, cfg.context, tests=cfg.tests)
+    if windows is None:
+        sources = sources if sources is not None else load_sources(corpus)
+        windows = make_windows(truncate(sources, cfg.max_chars), cfg.context, tests=cfg.tests)
     chosen = training_windows(windows, cfg)
     train = torch.from_numpy(windows.train[chosen])  # [N, context + 1]
     train_task = torch.from_numpy(windows.train_task[chosen])

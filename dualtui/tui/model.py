@@ -11,7 +11,8 @@ from rich.text import Text
 from ..bundle.reader import Bundle
 from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, pattern_scores, spotlights
 from ..engine.stream import gather_rows
-from ..engine.text import is_text, labels_are_tokens, position_span, visible
+from ..engine.text import is_text, labels_are_tokens, position_span
+from ..tokens import visible
 
 # Rows of the ranking the app asks the engine for (both ends, every score and grouping).
 TOP = 100
@@ -55,6 +56,8 @@ class OpenRun:
         self.train_label = bundle.array("train/label")
         self.train_task = bundle.array("train/task")
         self.is_text = is_text(bundle)
+        v = m.input.get("vocab")
+        self._vocab: list[str] | None = [str(t) for t in v] if isinstance(v, list) else None
         self.labels_are_tokens = labels_are_tokens(bundle)
         self.context = position_span(bundle) if self.is_text else 0
         # Grouping per training token needs positions at every layer (text runs).
@@ -123,10 +126,8 @@ class OpenRun:
         it was trained to predict after "▸" (the whole window's start for an example)."""
         from .render import text_window
 
-        data, marks = self.train_preview(row)
-        vocab = self.vocab() or []
-        ids = [] if data is None else np.asarray(data).reshape(-1).tolist()
-        tokens = [vocab[i] if 0 <= i < len(vocab) else "?" for i in ids]
+        data, _ = self.train_preview(row)
+        tokens = self.tokens(data)
         if row.position is None:
             return text_window(tokens[:width], None, width=width)
         nxt = tokens[row.position + 1] if row.position + 1 < len(tokens) else None
@@ -137,13 +138,17 @@ class OpenRun:
         from .render import text_window
 
         data, marks = self.test_preview(m)
-        vocab = self.vocab() or []
-        tokens = [] if data is None else [vocab[i] if 0 <= i < len(vocab) else "?" for i in np.asarray(data).reshape(-1).tolist()]
-        return text_window(tokens, marks.get("highlight"), width=width)
+        return text_window(self.tokens(data), marks.get("highlight"), width=width)
 
     def vocab(self) -> list[str] | None:
-        v = self.bundle.manifest.input.get("vocab")
-        return list(v) if isinstance(v, list) else None
+        return self._vocab
+
+    def tokens(self, ids: np.ndarray | None) -> list[str]:
+        """Token ids as strings ("?" for an id outside the vocabulary)."""
+        vocab = self._vocab or []
+        if ids is None:
+            return []
+        return [vocab[i] if 0 <= i < len(vocab) else "?" for i in np.asarray(ids).reshape(-1).tolist()]
 
     # ----------------------------------------------------------------- training time
     def total_steps(self) -> int:

@@ -15,11 +15,12 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Text
 
+from dualtui.tokens import visible  # absolute: the tests load this module by its path
+
 __all__ = ["image_halfblock", "text_window", "hbar", "bar_table", "column_chart", "sparkline"]
 
 _EIGHTHS_H = " ▏▎▍▌▋▊▉"  # index = eighths of a cell filled from the left
 _EIGHTHS_V = " ▁▂▃▄▅▆▇█"  # index = eighths of a cell filled from the bottom
-_VISIBLE = {"\n": "⏎", "\t": "→"}
 
 
 def _runs(cells: list[tuple[str, Style | str | None]]) -> Text:
@@ -91,7 +92,7 @@ def _visible(token: str) -> str:
     A token that would take no cells at all ("" or a lone combining mark) becomes "·" too, so
     every token, the highlighted one above all, occupies at least one visible cell.
     """
-    shown = "".join(_VISIBLE.get(ch) or (ch if ch.isprintable() else "·") for ch in token)
+    shown = visible(token)
     return shown if cell_len(shown) else "·"
 
 

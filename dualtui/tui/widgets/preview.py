@@ -51,9 +51,7 @@ class Preview(Widget):
         if kind == "image":
             return image_halfblock(np.asarray(data), max_width=max(4, width), max_height=self.max_rows)
         if kind == "text":
-            vocab = self.run.vocab() or []
-            ids = np.asarray(data).reshape(-1)
-            tokens = [vocab[i] if 0 <= i < len(vocab) else "?" for i in ids.tolist()]
+            tokens = self.run.tokens(data)
             suffix, style = self.suffix if self.suffix is not None else (None, "bold green")
             return text_block(tokens, self.highlight, target=self.target, suffix=suffix, suffix_style=style)
         flat = np.asarray(data, dtype=np.float64).reshape(-1)
