@@ -240,13 +240,13 @@ def main() -> None:
         # ---- consistency: same data, same final model
         bundle = Bundle.open(bundle_path)
         assert np.array_equal(bundle.array("train/label"), data.y_train.numpy()), "train split differs"
-        assert np.array_equal(bundle.array("test/label"), data.y_test.numpy()), "test split differs"
+        assert np.array_equal(bundle.queries().label, data.y_test.numpy()), "test split differs"
         final = DigitsMLP().eval()
         load_ckpt(final, ckpts[-1])
         with torch.no_grad():
             logits = final(data.x_test)
         pred = logits.argmax(-1)
-        pred_bundle = bundle.array("test/prediction")
+        pred_bundle = bundle.queries().prediction
         res["final_checkpoint_predictions_match_bundle"] = float((pred.numpy() == pred_bundle).mean())
         pred_t = torch.from_numpy(np.array(pred_bundle, dtype=np.int64))
         correct = pred_bundle == data.y_test.numpy()
@@ -310,8 +310,8 @@ def main() -> None:
         D = dualtui_full(bundle, allm)
         assert not np.isnan(D).any(), "some training example has no effect score"
         # exactness check: Σ_i effect_i + (w0 q + b0)·g == predicted logit of the final model
-        q = bundle.array(f"layer/{LAYER}/queries").astype(np.float64)
-        g = bundle.array(f"layer/{LAYER}/query_grad").astype(np.float64)
+        q = bundle.queries().rows(LAYER, np.arange(bundle.test_size)).query.astype(np.float64)
+        g = bundle.queries().rows(LAYER, np.arange(bundle.test_size)).grad.astype(np.float64)
         w0 = bundle.array(f"layer/{LAYER}/w0").astype(np.float64)
         b0 = bundle.array(f"layer/{LAYER}/b0").astype(np.float64)
         init = ((q @ w0.T + b0) * g).sum(1)

@@ -71,6 +71,7 @@ def write_synthetic(path: str | Path, patterns: int, in_features: int = 128, out
         layers=[LayerSpec(L, "linear", in_features, out_features, True, patterns, chunks)],
         tasks=["task 0", "task 1"], classes=[str(i) for i in range(10)], input={"kind": "vector"},
         optimizer={"name": "sgd"}, training={"steps": -(-patterns // 32), "synthetic": True},
+        version=1,  # the version-1 layout (one query row per test item), which readers keep reading
     )
     tmp = path.with_name(path.name + ".tmp")
     write_file(tmp, tensors, {METADATA_KEY: manifest.to_json()})

@@ -59,6 +59,7 @@ def handles_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from .bundle.errors import BundleError
+        from .record.errors import RecorderError
 
         try:
             return fn(*args, **kwargs)
@@ -66,6 +67,8 @@ def handles_errors(fn: Callable) -> Callable:
             raise
         except BundleError as e:
             fail(ExitCode.INVALID_BUNDLE, str(e))
+        except RecorderError as e:  # a recording that cannot stay exact stops with its reason
+            fail(ExitCode.CHECK_FAILED, str(e))
         except UsageError as e:
             fail(ExitCode.USAGE, str(e))
         except KeyboardInterrupt:
@@ -111,6 +114,19 @@ def info_json(bundle: Any) -> dict:
             "bytes": nbytes,
             "bytes_per_pattern": (per_pattern / spec.patterns) if spec.patterns else None,
         })
+    sets = []
+    for name in bundle.query_set_names:
+        qs = bundle.queries(name)
+        spec = qs.spec
+        prefix = f"queries/{name}/"
+        nbytes = (sum(bundle.info(n).end - bundle.info(n).start for n in bundle.tensor_names if n.startswith(prefix))
+                  if not qs.legacy else None)
+        sets.append({"name": name, "items": qs.size, "rows": spec.rows, "read": spec.read, "target": spec.target,
+                     "partial_layers": spec.partial_layers, "bytes": nbytes,
+                     "bytes_per_item": (nbytes / qs.size) if nbytes is not None and qs.size else None,
+                     "rows_per_item": {L: qs.rows_per_item(L) for L in m.layer_names}})
+    attribution = m.attribution if m.attribution is not None else {
+        "checked": False, "reason": "recorded before the attribution check existed (format version 1)"}
     return {
         "bundle": str(bundle.path),
         "format": "dualtui.bundle",
@@ -123,6 +139,8 @@ def info_json(bundle: Any) -> dict:
         "classes": m.classes,
         "train_size": bundle.train_size,
         "test_size": bundle.test_size,
+        "query_sets": sets,
+        "attribution": attribution,
         "input": {k: v for k, v in m.input.items() if k != "vocab"} | ({"vocab_size": len(m.input["vocab"])} if "vocab" in m.input else {}),
         "optimizer": m.optimizer,
         "training": m.training,
@@ -160,16 +178,44 @@ def info(
     out.print(f"classes ({len(d['classes'])}): {', '.join(shown)}{' …' if len(d['classes']) > 20 else ''}")
     inp = d["input"]
     detail = f" (context {inp.get('context')}, vocabulary {inp.get('vocab_size')})" if inp.get("kind") == "text" else ""
-    out.print(f"train examples: {d['train_size']:,}   test items: {d['test_size']:,}   input: {inp.get('kind')}{detail}")
+    out.print(f"train examples: {d['train_size']:,}   input: {inp.get('kind')}{detail}")
+    for q in d["query_sets"]:
+        size = f", {_human_bytes(q['bytes'])}" if q["bytes"] is not None else ""
+        most = max(q["rows_per_item"].values(), default=1.0)
+        if most <= 1.0:
+            rows = "one query row per item"
+        elif q["rows"] == "all":
+            rows = f"every position and call (up to {most:,.0f} rows per item)"
+        else:
+            rows = "focus rows only" if q["rows"] == "focus" else f"positions {q['rows']}"
+        read = "the output's logits" if q["read"] == "logits" else f"the output at position {q['read']}"
+        out.print(f"query set {q['name']!r}: {q['items']:,} items, {rows}, prediction read from {read}, "
+                  f"target {q['target']}{size}" + (f"; effects partial at {', '.join(q['partial_layers'])}" if q["partial_layers"] else ""))
+    if not d["query_sets"]:
+        out.print("no query sets (record_test was never called)")
     opt = d["optimizer"]
     if opt:
         out.print("optimizer: " + ", ".join(f"{k}={v}" for k, v in opt.items()))
     tr = d["training"]
     if tr:
         out.print("training: " + ", ".join(f"{k}={v}" for k, v in tr.items()))
+    out.print(_attribution_line(d["attribution"]))
     if "not_covered" in d:  # recorded by the Recorder since the text runs; older bundles lack it
         nc = d["not_covered"]
         out.print("not covered by the dual form: " + ", ".join(nc) if nc else "every trained parameter is covered by the dual form")
+
+
+def _attribution_line(a: dict) -> str:
+    """One line saying whether the recorder proved each pattern's example id."""
+    if not a.get("checked"):
+        return f"attribution: not checked ({a.get('reason', 'no reason recorded')})"
+    steps = a.get("steps", [])
+    shown = ", ".join(map(str, steps[:8])) + (", …" if len(steps) > 8 else "")
+    line = (f"attribution: example ids checked at {len(steps)} steps ({shown}), max relative error "
+            f"{a.get('max_relative_error', 0.0):.1e} (tolerance {a.get('tolerance', 0.0):.0e})")
+    if a.get("unchecked_layers"):
+        line += f"; not checkable at {', '.join(a['unchecked_layers'])} (gradient does not pass through the model's output)"
+    return line
 
 
 # ----------------------------------------------------------------------------- verify
@@ -202,7 +248,18 @@ def verify(
         out.print(t)
         if any(c.rounding_bound for c in report.layers):
             out.print("tolerance includes the rounding bound of float16/bfloat16 storage (2u·Σ|v||k|)")
-        out.print("[green]primal == dual for every layer[/]" if report.ok else "[red]primal != dual: see FAIL rows[/]")
+        nc = report.not_covered
+        if not report.ok:
+            out.print("[red]primal != dual: see FAIL rows[/]")
+        elif nc:
+            from rich.text import Text
+
+            line = Text("primal == dual for the covered layers", style="green")
+            line.append(f"; not covered: {', '.join(nc)}")
+            out.print(line)
+        else:
+            out.print("[green]primal == dual for every layer[/]")
+        out.print(_attribution_line(report.to_json()["attribution"]), markup=False)
     if not report.ok:
         raise typer.Exit(int(ExitCode.CHECK_FAILED))
 
@@ -262,11 +319,30 @@ def _training_progress(err: Any) -> Iterator[Callable[..., None]]:
     with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("train", total=None, loss="")
+        stop_after = _stop_after_step()
 
         def on_step(done: int, total: int, loss: float | None = None) -> None:
             bar.update(task, completed=done, total=total, loss="" if loss is None else f"loss {loss:.3f}")
+            if done == stop_after:
+                _stop_for_test()
 
         yield on_step
+
+
+def _stop_after_step() -> int | None:
+    """DUALTUI_STOP_AFTER_STEP=N (tests only): the process stops itself (SIGSTOP) once step N
+    is complete, so a test can signal it at a known point instead of after a sleep."""
+    import os
+
+    raw = os.environ.get("DUALTUI_STOP_AFTER_STEP")
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def _stop_for_test() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _report_recording(err: Any, result: Any, extra: dict, accuracy_label: str, as_json: bool) -> None:
@@ -337,7 +413,10 @@ def record_text_cmd(
             result = record_text(out_path, cfg=cfg, windows=windows, on_step=on_step, command=command)
         except TrainingDiverged as e:
             fail(ExitCode.CHECK_FAILED, f"{e}; the bundle of the completed steps is {out_path}")
-    err.print(f"train loss (last 10% of steps): {result.train_loss:.3f}")
+    if result.steps:
+        err.print(f"train loss (last 10% of steps): {result.train_loss:.3f}")
+    else:
+        err.print("no step completed: nothing was trained")
     _report_recording(err, result, {"train_loss": result.train_loss}, "next-character accuracy", as_json)
 
 
@@ -347,16 +426,18 @@ def open_cmd(
     bundle: Path = typer.Argument(..., help="A .safetensors bundle or a sharded .safetensors.index.json."),
     test: int = typer.Option(0, "--test", "-t", help="Test item to start on."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer to start on (default: the last)."),
+    queries: Optional[str] = typer.Option(None, "--queries", "-q", help="Query set to start on (default: test)."),
 ) -> None:
     """Browse a run in the terminal: test items, ranked training patterns, layers, tasks and time."""
-    from .cli_spotlight import _layer, _test
+    from .cli_spotlight import _layer, _queries, _test
 
     b = _open(bundle)  # an invalid bundle is a one-line error (exit 3) before any screen appears
-    layer, test = _layer(b, layer), _test(b, test)  # the same checks and messages as `rank`
+    qname = _queries(b, queries)
+    layer, test = _layer(b, layer), _test(b, test, qname)  # the same checks and messages as `rank`
     from .tui.app import DualtuiApp
     from .tui.model import OpenRun
 
-    DualtuiApp(OpenRun(b), test=test, layer=layer).run()
+    DualtuiApp(OpenRun(b, qname), test=test, layer=layer).run()
 
 
 # The scripted spotlight commands register themselves on `app`.

@@ -34,6 +34,7 @@ BUNDLE_ARG = typer.Argument(..., help="A .safetensors bundle or a sharded .safet
 JSON_OPT = typer.Option(False, "--json", help="Print JSON to stdout.")
 CSV_OPT = typer.Option(False, "--csv", help="Print CSV to stdout.")
 DEVICE_OPT = typer.Option(Device.auto, "--device", help="Where to compute: auto uses CUDA when present.")
+QUERIES_OPT = typer.Option(None, "--queries", "-q", help="Query set (default: test); `dualtui info` lists them.")
 
 
 def _layer(bundle: Any, layer: Optional[str]) -> str:
@@ -45,11 +46,36 @@ def _layer(bundle: Any, layer: Optional[str]) -> str:
     return layer
 
 
-def _test(bundle: Any, test: int) -> int:
-    n = bundle.test_size
+def _queries(bundle: Any, queries: Optional[str]) -> str:
+    """The query set to use (default "test"), or a usage error listing the valid ones."""
+    names = bundle.query_set_names
+    if not names:
+        raise UsageError("the bundle has no query sets (record_test was never called)")
+    if queries is None:
+        return bundle.default_query_set
+    if queries not in names:
+        raise UsageError(f"unknown query set {queries!r}; valid: {', '.join(names)}")
+    return queries
+
+
+def _test(bundle: Any, test: int, queries: Optional[str] = None) -> int:
+    qs = bundle.queries(_queries(bundle, queries))
+    n = qs.size
     if not 0 <= test < n:
-        raise UsageError(f"test index {test} out of range; valid: 0..{n - 1}" if n else "the bundle has no test items")
+        raise UsageError(f"item {test} out of range; query set {qs.name!r} has 0..{n - 1}" if n else
+                         f"query set {qs.name!r} has no items")
     return test
+
+
+def _focus(position: Optional[str]) -> Any:
+    if position is None:
+        return None
+    if position == "mean":
+        return "mean"
+    try:
+        return int(position)
+    except ValueError:
+        raise UsageError(f"--position {position!r}: give a position (an integer, -1 for the last) or 'mean'") from None
 
 
 def _device(name: Device) -> Any:
@@ -77,13 +103,20 @@ def _fmt(x: float) -> str:
 
 
 # ----------------------------------------------------------------------------- rank
-def rank_json(bundle: Any, layer: str, test: int, by: str, group: str, reverse: bool, top: int, device: Any) -> dict:
+def rank_json(bundle: Any, layer: str, test: int, by: str, group: str, reverse: bool, top: int, device: Any,
+              queries: Optional[str] = None, focus: Any = None) -> dict:
     from .engine.report import ranking_dict
     from .engine.spotlight import spotlights
 
-    res = spotlights(bundle, layer, [test], top=top, by=[by], groups=[group], reverse=[reverse],
-                     summary=False, masses=False, device=device)[0]
-    return ranking_dict(bundle, res, by, group, reverse)
+    try:
+        res = spotlights(bundle, layer, [test], top=top, by=[by], groups=[group], reverse=[reverse],
+                         summary=False, masses=False, device=device, queries=queries, focus=focus)[0]
+    except ValueError as e:  # e.g. --position an item does not have
+        raise UsageError(str(e)) from None
+    d = ranking_dict(bundle, res, by, group, reverse, queries)
+    if focus is not None:
+        d["position"] = focus
+    return d
 
 
 @app.command()
@@ -97,6 +130,10 @@ def rank(
                                 "or, in text runs, training tokens (sum over the epochs that saw each position)."),
     top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
     reverse: bool = typer.Option(False, "--reverse", help="Lowest scores first (most negative)."),
+    queries: Optional[str] = QUERIES_OPT,
+    position: Optional[str] = typer.Option(None, "--position", help="Attention at this position of the item "
+                                           "(-1: the last; 'mean': averaged over positions) instead of the position the "
+                                           "prediction reads. Effect always sums over every position."),
     device: Device = DEVICE_OPT,
     as_json: bool = JSON_OPT,
     as_csv: bool = CSV_OPT,
@@ -104,10 +141,11 @@ def rank(
     """Training patterns (or examples) ranked by their score for one test item at one layer."""
     _check_formats(as_json, as_csv)
     b = _open(bundle)
-    L, m = _layer(b, layer), _test(b, test)
+    qname = _queries(b, queries)
+    L, m = _layer(b, layer), _test(b, test, qname)
     if group == Group.position and not b.has_position(L):
         raise UsageError(f"--group position needs a text run (patterns with positions); layer {L!r} has none")
-    d = rank_json(b, L, m, by.value, group.value, reverse, top, _device(device))
+    d = rank_json(b, L, m, by.value, group.value, reverse, top, _device(device), qname, _focus(position))
     if as_json:
         _emit_json(d)
         return
@@ -123,7 +161,8 @@ def rank(
     if "test_text" in d:
         _print_text_ranking(out, d, L, order, classes, tasks)
         return
-    out.print(f"test {m} (label {name(classes, d['test_label'])}, predicted {name(classes, d['test_prediction'])}) · layer {L} · {order}")
+    item = f"test {m}" if qname == "test" else f"{qname} {m}"
+    out.print(f"{item} (label {name(classes, d['test_label'])}, predicted {name(classes, d['test_prediction'])}) · layer {L} · {order}")
     cols = ["rank", "score", "attention", "magnitude", "effect"] + (["pattern", "step"] if group == Group.pattern else ["patterns"]) + ["example", "label", "task"]
     t = Table(*cols, box=None, pad_edge=False)
     for r in d["results"]:
@@ -143,7 +182,8 @@ def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list
     from .tokens import visible
 
     name = lambda i: visible(classes[i], alone=True) if 0 <= i < len(classes) else str(i)  # noqa: E731
-    head = Text(f"test {d['test']} · layer {layer} · {order}\n")
+    item = f"test {d['test']}" if d.get("queries", "test") == "test" else f"{d['queries']} {d['test']}"
+    head = Text(f"{item} · layer {layer} · {order}\n")
     head.append(visible(d["test_text"] or "")[-48:])
     head.append("▸" + name(d["test_prediction"]), "bold green" if d["test_prediction"] == d["test_label"] else "bold red")
     head.append(f"  predicted {name(d['test_prediction'])}, true {name(d['test_label'])}")
@@ -170,13 +210,13 @@ def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list
 
 
 # ----------------------------------------------------------------------------- mass
-def mass_json(bundle: Any, layers: list[str], test: int, device: Any) -> dict:
+def mass_json(bundle: Any, layers: list[str], test: int, device: Any, queries: Optional[str] = None) -> dict:
     from .engine.spotlight import spotlights
 
     tasks, classes = bundle.manifest.tasks, bundle.manifest.classes
     task_rows, class_rows, step_rows = [], [], []
     for L in layers:
-        res = spotlights(bundle, L, [test], groups=[], by=[], summary=False, masses=True, device=device)[0]
+        res = spotlights(bundle, L, [test], groups=[], by=[], summary=False, masses=True, device=device, queries=queries)[0]
         ms = res.masses
         total = ms.abs_total or 1.0
         for i in range(len(ms.task_abs_sum)):
@@ -191,7 +231,7 @@ def mass_json(bundle: Any, layers: list[str], test: int, device: Any) -> dict:
             step_rows.append({"layer": L, "bin": i, "step_start": int(ms.step_edges[i]), "step_end": int(ms.step_edges[i + 1]),
                               "attention_sum": float(ms.step_attention_sum[i]), "abs_sum": float(ms.step_abs_sum[i]),
                               "abs_share": float(ms.step_abs_sum[i] / total), "effect_sum": float(ms.step_effect_sum[i])})
-    return {"test": test, "tasks": task_rows, "classes": class_rows, "steps": step_rows}
+    return {"queries": bundle.queries(queries).name, "test": test, "tasks": task_rows, "classes": class_rows, "steps": step_rows}
 
 
 @app.command()
@@ -200,6 +240,7 @@ def mass(
     bundle: Path = BUNDLE_ARG,
     test: int = typer.Option(..., "--test", "-t", help="Test item index."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="One layer (default: every layer)."),
+    queries: Optional[str] = QUERIES_OPT,
     device: Device = DEVICE_OPT,
     as_json: bool = JSON_OPT,
     as_csv: bool = CSV_OPT,
@@ -207,9 +248,10 @@ def mass(
     """Attention mass per task, per training class and over training time, per layer."""
     _check_formats(as_json, as_csv)
     b = _open(bundle)
-    m = _test(b, test)
+    qname = _queries(b, queries)
+    m = _test(b, test, qname)
     layers = [_layer(b, layer)] if layer else b.manifest.layer_names
-    d = mass_json(b, layers, m, _device(device))
+    d = mass_json(b, layers, m, _device(device), qname)
     if as_json:
         _emit_json(d)
         return
@@ -238,16 +280,16 @@ def mass(
 
 
 # ----------------------------------------------------------------------------- layers
-def layers_json(bundle: Any, test: int, device: Any) -> dict:
+def layers_json(bundle: Any, test: int, device: Any, queries: Optional[str] = None) -> dict:
     from dataclasses import asdict
 
     from .engine.spotlight import spotlights
 
     rows = []
     for L in bundle.manifest.layer_names:
-        res = spotlights(bundle, L, [test], groups=[], by=[], summary=True, masses=False, device=device)[0]
+        res = spotlights(bundle, L, [test], groups=[], by=[], summary=True, masses=False, device=device, queries=queries)[0]
         rows.append(asdict(res.summary))
-    return {"test": test, "layers": rows}
+    return {"queries": bundle.queries(queries).name, "test": test, "layers": rows}
 
 
 @app.command()
@@ -255,6 +297,7 @@ def layers_json(bundle: Any, test: int, device: Any) -> dict:
 def layers(
     bundle: Path = BUNDLE_ARG,
     test: int = typer.Option(..., "--test", "-t", help="Test item index."),
+    queries: Optional[str] = QUERIES_OPT,
     device: Device = DEVICE_OPT,
     as_json: bool = JSON_OPT,
     as_csv: bool = CSV_OPT,
@@ -266,8 +309,9 @@ def layers(
     """
     _check_formats(as_json, as_csv)
     b = _open(bundle)
-    m = _test(b, test)
-    d = layers_json(b, m, _device(device))
+    qname = _queries(b, queries)
+    m = _test(b, test, qname)
+    d = layers_json(b, m, _device(device), qname)
     if as_json:
         _emit_json(d)
         return
@@ -291,11 +335,12 @@ def layers(
 def votes(
     bundle: Path = BUNDLE_ARG,
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="One layer (default: every layer)."),
+    queries: Optional[str] = QUERIES_OPT,
     device: Device = DEVICE_OPT,
     as_json: bool = JSON_OPT,
     as_csv: bool = CSV_OPT,
 ) -> None:
-    """Predictive power of attention over the whole test set, per layer.
+    """Predictive power of attention over a whole query set (default: test), per layer.
 
     A layer's vote is the training class with the largest Σ|α|; it is compared with the true
     label and with the model's prediction (agreement rates and a 2×2 table).
@@ -304,11 +349,12 @@ def votes(
 
     _check_formats(as_json, as_csv)
     b = _open(bundle)
+    qname = _queries(b, queries)
     names = [_layer(b, layer)] if layer else b.manifest.layer_names
     dev = _device(device)
-    rows = [layer_votes(b, L, dev).to_json() for L in names]
+    rows = [layer_votes(b, L, dev, queries=qname).to_json() for L in names]
     if as_json:
-        _emit_json({"layers": rows})
+        _emit_json({"queries": qname, "layers": rows})
         return
     if as_csv:
         _write_csv([{**{k: v for k, v in r.items() if k != "table"}, **r["table"]} for r in rows])
@@ -316,7 +362,7 @@ def votes(
     from rich.table import Table
 
     t = Table("layer", "vote = label", "vote = prediction", "model accuracy", "vote ✓ model ✓", "vote ✓ model ✗",
-              "vote ✗ model ✓", "vote ✗ model ✗", box=None, pad_edge=False, title=f"{b.test_size} test items")
+              "vote ✗ model ✓", "vote ✗ model ✗", box=None, pad_edge=False, title=f"{b.queries(qname).size} test items" if qname == "test" else f"{b.queries(qname).size} items of query set {qname!r}")
     for r in rows:
         tb = r["table"]
         t.add_row(r["layer"], f"{r['label_agreement']:.1%}", f"{r['prediction_agreement']:.1%}", f"{r['model_accuracy']:.1%}",

@@ -180,7 +180,19 @@ class Brute:
     @classmethod
     def _build(cls, manifest: dict, get, has) -> "Brute":
         layers = {}
+        v2 = manifest.get("version") == 2
+        # A version-2 bundle is read here only when every layer has exactly one query row per
+        # test item (an MLP): then its "test" set is the version-1 layout under other names.
+        # Items with many rows are brute-forced in independent_v2.py.
+        q_name = (lambda L: f"queries/test/layer/{L}/query") if v2 else (lambda L: f"layer/{L}/queries")
+        g_name = (lambda L: f"queries/test/layer/{L}/grad") if v2 else (lambda L: f"layer/{L}/query_grad")
+        t_name = (lambda f: f"queries/test/{f}") if v2 else (lambda f: f"test/{f}")
         for spec in manifest["layers"]:
+            if v2:
+                M = len(get(t_name("label")))
+                assert np.array_equal(get(f"queries/test/layer/{spec['name']}/item").astype(np.int64), np.arange(M)), \
+                    "bruteforce_v1 reads one query row per item only"
+                assert np.array_equal(get(f"queries/test/layer/{spec['name']}/focus").astype(np.int64), np.arange(M))
             L, chunks = spec["name"], spec.get("chunks", 1)
 
             def cat(f: str) -> np.ndarray:
@@ -195,14 +207,14 @@ class Brute:
                 K=cat("keys").astype(np.int64) if emb else cat("keys"), V=cat("values"),
                 step=cat("step").astype(np.int64), example=cat("example").astype(np.int64),
                 position=cat("position").astype(np.int64) if has(pos_name) else None,
-                Q=get(f"layer/{L}/queries").astype(np.int64) if emb else get(f"layer/{L}/queries"),
-                G=get(f"layer/{L}/query_grad"), W=get(f"layer/{L}/weight"), w0=get(f"layer/{L}/w0"),
+                Q=get(q_name(L)).astype(np.int64) if emb else get(q_name(L)),
+                G=get(g_name(L)), W=get(f"layer/{L}/weight"), w0=get(f"layer/{L}/w0"),
                 b=get(f"layer/{L}/bias") if bias else None, b0=get(f"layer/{L}/b0") if bias else None,
             )
         ints = lambda n: get(n).astype(np.int64)  # noqa: E731
         text = manifest["input"].get("kind") == "text" and has("train/input")
-        return cls(manifest, layers, ints("train/task"), ints("train/label"), ints("test/label"), ints("test/task"),
-                   ints("test/prediction"), train_input=ints("train/input") if text else None)
+        return cls(manifest, layers, ints("train/task"), ints("train/label"), ints(t_name("label")), ints(t_name("task")),
+                   ints(t_name("prediction")), train_input=ints("train/input") if text else None)
 
     @classmethod
     def from_valid(cls, vb: "iv.ValidBundle") -> "Brute":

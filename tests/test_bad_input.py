@@ -152,9 +152,9 @@ def manifest_without_layers(tmp: Path):
     return same(vb.write(tmp / "nolayers.safetensors"))
 
 
-def version_2(tmp: Path):
+def version_3(tmp: Path):
     vb = base()
-    vb.manifest["version"] = 2
+    vb.manifest["version"] = 3
     return same(vb.write(tmp / "v2.safetensors"))
 
 
@@ -310,7 +310,7 @@ STRUCTURAL: dict[str, tuple[Case, str]] = {
     "unparseable manifest": (bad_json_manifest, "unparseable manifest"),
     "manifest not an object": (manifest_not_object, "unparseable manifest"),
     "manifest without layers": (manifest_without_layers, "layers"),
-    "format version 2": (version_2, "unknown format version"),
+    "format version 3": (version_3, "unknown format version"),
     "missing tensor": (missing_tensor, "missing tensor"),
     "missing weight": (missing_weight, "missing tensor"),
     "weight shape": (shape_mismatch_weight, "shape disagrees with manifest"),
@@ -477,7 +477,7 @@ def test_content_error_fails_verify(tmp_path: Path, case: str) -> None:
 
 def test_file_name_with_a_newline_stays_one_line(tmp_path: Path) -> None:
     vb = base()
-    vb.manifest["version"] = 2
+    vb.manifest["version"] = 3
     path = vb.write(tmp_path / "bad\nname.safetensors")
     result = runner.invoke(app, ["info", str(path)])
     assert result.exit_code == INVALID

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import independent_v1 as iv
+import independent_v2 as iv2
 from independent_v1 import LayerPlan
 
 from dualtui.bundle import Bundle, BundleWriter, LayerSpec, Manifest
@@ -237,8 +238,9 @@ def test_recorder_bundle_passes_independent_checker(tmp_path: Path, kw: dict) ->
 
     path = _train_tiny(tmp_path / "rec.safetensors", **kw)
     assert path.exists()
-    report = iv.check_invariants(path, rounding_allowance=kw.get("storage", "float32") != "float32")
-    assert report and all(r["patterns"] > 0 for r in report.values())
+    report = iv2.check_invariants(path)  # the recorder writes version 2
+    assert report["layers"] and all(r["patterns"] > 0 for r in report["layers"].values())
+    assert set(report["query_sets"]) == {"test"}
     if "chunk_bytes" in kw:
         man = json.loads(json.loads(path.read_text())["metadata"]["dualtui"]) if path.name.endswith(".json") else \
             json.loads(iv.read_raw_header(path)["__metadata__"]["dualtui"])
@@ -276,7 +278,7 @@ def test_recorder_bundle_info_matches_manifest(tmp_path: Path) -> None:
 # Regression: train/label used to be sized by the example ids seen, not by train_inputs.
 def test_recorder_with_train_inputs_only(tmp_path: Path) -> None:
     path = _train_tiny(tmp_path / "rec.safetensors", full_tables=False)
-    iv.check_invariants(path)
+    iv2.check_invariants(path)
     assert cli("info", str(path)).exit_code == 0
 
 
@@ -388,7 +390,9 @@ def _writer_inputs(writer: BundleWriter, n: int = 40) -> tuple[Manifest, dict[st
     for s in range(n // 4):
         writer.append("lin", keys=rng.normal(size=(4, 3)).astype(np.float32), values=rng.normal(size=(4, 2)).astype(np.float32),
                       step=np.full(4, s, np.int64), example=rng.integers(0, 10, 4).astype(np.int64))
-    manifest = Manifest(layers=[spec], tasks=["t"], classes=["a", "b"], input={"kind": "vector"}, optimizer={}, training={})
+    # A version-1 layout written by the writer: it writes what it is given (readers read both).
+    manifest = Manifest(layers=[spec], tasks=["t"], classes=["a", "b"], input={"kind": "vector"}, optimizer={}, training={},
+                        version=1)
     static = {
         "layer/lin/weight": np.zeros((2, 3), np.float32), "layer/lin/w0": np.zeros((2, 3), np.float32),
         "layer/lin/queries": np.zeros((1, 3), np.float32), "layer/lin/query_grad": np.zeros((1, 2), np.float32),

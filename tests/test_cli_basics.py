@@ -67,7 +67,8 @@ def test_info_json_fields_on_sample() -> None:
     r = runner.invoke(app, ["info", str(sample), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["version"] == 1
+    assert d["version"] == 2
+    assert [q["name"] for q in d["query_sets"]] == ["test"] and d["attribution"]["checked"]
     assert d["tasks"] == ["digits 0-4", "digits 5-9"]
     assert d["train_size"] + d["test_size"] == 1797
     assert [(x["name"], x["in_features"], x["out_features"]) for x in d["layers"]] == [

@@ -81,7 +81,7 @@ def bundle(recorded) -> Path:
 @pytest.fixture(scope="module")
 def tables(bundle: Path):
     b = Bundle.open(bundle)
-    return b.manifest.input["vocab"], b.array("train/input"), b.array("test/input")
+    return b.manifest.input["vocab"], b.array("train/input"), b.array("queries/test/input")
 
 
 # ----------------------------------------------------------------------------- 1. record + verify
@@ -234,7 +234,8 @@ def test_mass_on_the_text_bundle(bundle: Path, tables) -> None:
     # a language model's class mass: |α| of each pattern goes to the token after its position
     b = Bundle.open(bundle)
     keys = b.array("layer/head/keys").astype(np.float64)
-    alpha = np.abs(keys @ b.array("layer/head/queries")[0].astype(np.float64) + 1.0)
+    focus = int(b.array("queries/test/layer/head/focus")[0])  # item 0's last position
+    alpha = np.abs(keys @ b.array("queries/test/layer/head/query")[focus].astype(np.float64) + 1.0)
     nxt = train_input[b.array("layer/head/example"), b.array("layer/head/position") + 1]
     expect = np.bincount(nxt, weights=alpha, minlength=len(vocab))
     np.testing.assert_allclose([row["abs_sum"] for row in head], expect, rtol=1e-5, atol=1e-6)
@@ -269,7 +270,7 @@ def test_two_corpora_are_two_tasks(tmp_path: Path, corpus: Path) -> None:
     d = json.loads(_invoke("info", out, "--json").stdout)
     assert d["tasks"] == ["river", "shouting"]
     b = Bundle.open(out)
-    assert set(b.array("test/task").tolist()) == {0, 1}
+    assert set(b.array("queries/test/task").tolist()) == {0, 1}
     assert _invoke("verify", out).exit_code == 0
     m = json.loads(_invoke("mass", out, "-t", 0, "-l", "head", "--json").stdout)
     assert [row["task_name"] for row in m["tasks"]] == ["river", "shouting"]

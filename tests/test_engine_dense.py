@@ -25,8 +25,8 @@ def test_dense_example_scores_match_brute_force() -> None:
     V = b.array(f"layer/{L}/values").astype(np.float64)
     ex = b.array(f"layer/{L}/example")
     for r, m in zip(res, tests):
-        q = b.array(f"layer/{L}/queries")[m].astype(np.float64)
-        g = b.array(f"layer/{L}/query_grad")[m].astype(np.float64)
+        q = b.array(f"queries/test/layer/{L}/query")[m].astype(np.float64)  # an MLP: one row per item
+        g = b.array(f"queries/test/layer/{L}/grad")[m].astype(np.float64)
         alpha = K @ q + 1.0
         brute = {"attention": alpha, "magnitude": np.abs(alpha) * np.linalg.norm(V, axis=1), "effect": alpha * (V @ g)}
         for score, per_pattern in brute.items():

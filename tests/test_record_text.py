@@ -104,9 +104,12 @@ def test_manifest_describes_a_character_language_model(text_run, corpus_file: Pa
     assert m.training["steps"] == CFG.steps and m.training["batch_size"] == CFG.batch_size
     assert str(corpus_file) in m.extra["experiment"]["corpus"]
     assert b.test_size == CFG.tests
-    test_input = b.array("test/input")
+    test_input = b.array("queries/test/input")
     assert test_input.shape == (CFG.tests, CONTEXT + 1)
-    np.testing.assert_array_equal(b.array("test/label"), test_input[:, -1])
+    np.testing.assert_array_equal(b.array("queries/test/label"), test_input[:, -1])
+    # every position of every test window is a query row, the last one is the focus
+    (qs,) = m.query_sets
+    assert (qs.name, qs.rows, qs.read, qs.target, qs.partial_layers) == ("test", "all", "last", "prediction", [])
     # every test window is real held-out text, and the last tenth of the corpus holds it
     held_out = PROSE[int(len(PROSE) * 0.9):]
     for row in test_input:
@@ -181,10 +184,15 @@ def test_patterns_are_tokens(text_run) -> None:
     ex, pos = _pattern_array(b, "tok", "example"), _pattern_array(b, "tok", "position")
     np.testing.assert_array_equal(tok_keys, train_input[ex, pos])
     np.testing.assert_array_equal(_pattern_array(b, "pos", "keys"), _pattern_array(b, "pos", "position"))
-    # the test queries of the embeddings are the last position's token and position
-    test_input = b.array("test/input")
-    np.testing.assert_array_equal(b.array("layer/tok/queries"), test_input[:, CONTEXT - 1])
-    np.testing.assert_array_equal(b.array("layer/pos/queries"), np.full(b.test_size, CONTEXT - 1))
+    # the test queries of the embeddings are every position's token and position; the focus
+    # row is the last position (the one whose output predicts the next character)
+    test_input = b.array("queries/test/input")
+    M = b.test_size
+    np.testing.assert_array_equal(b.array("queries/test/layer/tok/query"), test_input[:, :CONTEXT].reshape(-1))
+    np.testing.assert_array_equal(b.array("queries/test/layer/pos/query"), np.tile(np.arange(CONTEXT), M))
+    for L in ("tok", "pos", "head"):
+        np.testing.assert_array_equal(b.array(f"queries/test/layer/{L}/item"), np.repeat(np.arange(M), CONTEXT))
+        np.testing.assert_array_equal(b.array(f"queries/test/layer/{L}/focus"), np.arange(M) * CONTEXT + CONTEXT - 1)
 
 
 def test_training_windows_are_the_corpus(text_run) -> None:
@@ -199,13 +207,25 @@ def test_training_windows_are_the_corpus(text_run) -> None:
 
 
 # ----------------------------------------------------------------------------- 3. scores vs brute force
+def _item_rows(b: Bundle, layer: str, m: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Item m's query rows at a layer, straight from the tensors: (queries, grads, focus among them)."""
+    item = b.array(f"queries/test/layer/{layer}/item")
+    mine = np.nonzero(item == m)[0]
+    q = b.array(f"queries/test/layer/{layer}/query")[mine].astype(np.float64)
+    g = b.array(f"queries/test/layer/{layer}/grad")[mine].astype(np.float64)
+    focus = int(b.array(f"queries/test/layer/{layer}/focus")[m])
+    return q, g, int(np.nonzero(mine == focus)[0][0])
+
+
 def _brute_force(b: Bundle, layer: str, m: int) -> dict[str, np.ndarray]:
+    """docs/format.md section 6: attention at the focus row, effect summed over every row."""
     keys = _pattern_array(b, layer, "keys").astype(np.float64)
     values = _pattern_array(b, layer, "values").astype(np.float64)
-    q = b.array(f"layer/{layer}/queries")[m].astype(np.float64)
-    g = b.array(f"layer/{layer}/query_grad")[m].astype(np.float64)
-    alpha = keys @ q + (1.0 if b.layer_spec(layer).bias else 0.0)
-    return {"attention": alpha, "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1), "effect": alpha * (values @ g)}
+    q, g, f = _item_rows(b, layer, m)
+    alpha_rows = keys @ q.T + (1.0 if b.layer_spec(layer).bias else 0.0)  # [T, rows]
+    alpha = alpha_rows[:, f]
+    effect = (alpha_rows * (values @ g.T)).sum(axis=1)
+    return {"attention": alpha, "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1), "effect": effect}
 
 
 def _check_against_brute_force(b: Bundle, layer: str, m: int, top: int) -> None:
@@ -263,14 +283,16 @@ def test_effects_sum_to_the_predicted_logit(text_run) -> None:
     _, b = text_run
     m = 2
     bf = _brute_force(b, "head", m)
-    q = b.array("layer/head/queries")[m].astype(np.float64)
-    g = b.array("layer/head/query_grad")[m].astype(np.float64)
+    q_rows, g_rows, f = _item_rows(b, "head", m)
+    q, g = q_rows[f], g_rows[f]
     w = b.array("layer/head/weight").astype(np.float64)
     bias = b.array("layer/head/bias").astype(np.float64)
     w0 = b.array("layer/head/w0").astype(np.float64)
     b0 = b.array("layer/head/b0").astype(np.float64)
-    pred = int(b.array("test/prediction")[m])
+    pred = int(b.array("queries/test/prediction")[m])
     assert np.flatnonzero(g).tolist() == [pred] and g[pred] == 1.0  # d logit_pred / d logits
+    others = np.delete(g_rows, f, axis=0)
+    assert not others.any()  # the head of the other positions does not reach the last logit
     logit = (w @ q + bias)[pred]
     assert bf["effect"].sum() + (w0 @ q + b0) @ g == pytest.approx(logit, rel=1e-5, abs=1e-5)
 

@@ -46,13 +46,15 @@ def test_late_failure_keeps_patterns_and_fails_verify(tmp_path, monkeypatch) -> 
 
 
 def test_early_failure_stops_before_the_step(tmp_path) -> None:
+    """Refused at step 0, before any weight changed: nothing was recorded, so nothing is
+    written, and an earlier bundle at the same path is left as it was."""
+    (tmp_path / "run.safetensors").write_bytes(b"an earlier run")
     path = _train(tmp_path, bad_from=0)
-    b = Bundle.open(path)
-    assert b.manifest.training["steps"] == 0
-    assert verify_bundle(b).ok
+    assert path.read_bytes() == b"an earlier run"
+    assert not list(tmp_path.glob(".run.safetensors.spool-*"))
 
 
 def test_scale_grad_by_freq_is_refused(tmp_path) -> None:
-    emb = nn.Embedding(10, 4, scale_grad_by_freq=True)
+    emb = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True))
     with pytest.raises(RecorderError, match="scale_grad_by_freq"):
         Recorder(emb, torch.optim.SGD(emb.parameters(), lr=0.1), tmp_path / "x.safetensors")

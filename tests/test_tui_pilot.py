@@ -490,7 +490,7 @@ def test_text_run_groupings_previews_and_exports_match_cli(tmp_path: Path) -> No
             assert test_preview.highlight == run.context - 1
             assert test_preview.suffix[0] == run.classes[run.test_item(3).prediction]
             text = screen_text(app)
-            ctx = "".join(vocab[i] for i in run.bundle.array("test/input")[3][: run.context])
+            ctx = "".join(vocab[i] for i in run.bundle.array("queries/test/input")[3][: run.context])
             assert ctx[-8:].replace("\n", "⏎") in text.replace("\n", "")
 
     asyncio.run(go())

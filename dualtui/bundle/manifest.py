@@ -1,18 +1,43 @@
-"""The bundle manifest of format v1 (DESIGN.md section 3): schema, parsing, serialising."""
+"""The bundle manifest (docs/format.md section 3): schema, parsing, serialising (versions 1 and 2)."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import errors
 
 FORMAT = "dualtui.bundle"
-VERSION = 1
+VERSION = 2  # what writers write
+READ_VERSIONS = (1, 2)  # what readers read
 METADATA_KEY = "dualtui"
 LAYER_KINDS = ("linear", "embedding")
 INPUT_KINDS = ("image", "text", "vector")
+# Query-set names become parts of tensor names: no "/", nothing a shell or terminal mangles.
+QUERY_SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+QUERY_ROWS = ("all", "focus")
+QUERY_READS = ("logits", "last", "first", "mean", "custom")
+QUERY_TARGETS = ("prediction", "label", "given")
+
+
+def bad_layer_name(name: object) -> str | None:
+    """Why `name` cannot be a layer name (None when it can): module paths, printable, no "/"."""
+    if not isinstance(name, str) or name == "":
+        return "a layer name must be a non-empty string"
+    if "/" in name:
+        return f"layer name {name!r} contains '/', which separates the parts of tensor names"
+    if not name.isprintable():
+        return f"layer name {name!r} contains control characters"
+    return None
+
+
+def bad_query_set_name(name: object) -> str | None:
+    if not isinstance(name, str) or not QUERY_SET_NAME.fullmatch(name):
+        return (f"query set name {name!r} must be 1-64 letters, digits, '_', '.' or '-' "
+                "(not starting with '.' or '-')")
+    return None
 
 
 @dataclass
@@ -33,6 +58,24 @@ class LayerSpec:
 
 
 @dataclass
+class QuerySetSpec:
+    """How one query set was recorded (docs/format.md section 5)."""
+
+    name: str
+    items: int
+    rows: Any = "all"  # "all" | "focus" | [positions]
+    read: Any = "logits"  # "logits" | "last" | "first" | int | "mean" | "custom"
+    target: str = "prediction"
+    partial_layers: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+
+@dataclass
 class Manifest:
     layers: list[LayerSpec]
     tasks: list[str]
@@ -42,6 +85,8 @@ class Manifest:
     training: dict[str, Any]
     version: int = VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    query_sets: list[QuerySetSpec] = field(default_factory=list)
+    attribution: dict[str, Any] | None = None  # the recorder's attribution check (version 2)
 
     def layer(self, name: str) -> LayerSpec:
         for spec in self.layers:
@@ -52,6 +97,16 @@ class Manifest:
     @property
     def layer_names(self) -> list[str]:
         return [spec.name for spec in self.layers]
+
+    @property
+    def query_set_names(self) -> list[str]:
+        return [q.name for q in self.query_sets]
+
+    def query_set(self, name: str) -> QuerySetSpec:
+        for q in self.query_sets:
+            if q.name == name:
+                return q
+        raise KeyError(name)
 
     def to_json(self) -> str:
         d: dict[str, Any] = dict(self.extra)
@@ -65,6 +120,10 @@ class Manifest:
             optimizer=self.optimizer,
             training=self.training,
         )
+        if self.version >= 2:
+            d["query_sets"] = [q.to_json() for q in self.query_sets]
+            if self.attribution is not None:
+                d["attribution"] = self.attribution
         return json.dumps(d)
 
 
@@ -96,8 +155,9 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
     _require(isinstance(d, dict), path, "manifest must be a JSON object")
     _require(d.get("format") == FORMAT, path, f"manifest 'format' is {d.get('format')!r}, expected {FORMAT!r}")
     version = d.get("version")
-    if version != VERSION:
-        raise errors.UnsupportedVersion(path, f"version {version!r}; this dualtui reads version {VERSION}")
+    if not _is_int(version) or version not in READ_VERSIONS:
+        raise errors.UnsupportedVersion(path, f"version {version!r}; this dualtui reads versions "
+                                              f"{', '.join(map(str, READ_VERSIONS))}")
 
     layers_raw = d.get("layers")
     _require(isinstance(layers_raw, list) and len(layers_raw) > 0, path, "manifest 'layers' must be a non-empty list")
@@ -107,6 +167,8 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
         _require(isinstance(raw, dict), path, f"layers[{i}] must be an object")
         name = raw.get("name")
         _require(isinstance(name, str) and name != "", path, f"layers[{i}] needs a non-empty string 'name'")
+        why = bad_layer_name(name)
+        _require(why is None, path, why or "")
         kind = raw.get("kind")
         _require(kind in LAYER_KINDS, path, f"layer {name!r}: kind {kind!r} is not one of {', '.join(LAYER_KINDS)}")
         for key in ("in_features", "out_features", "patterns"):
@@ -143,7 +205,23 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
     training = d.get("training", {})
     _require(isinstance(optimizer, dict), path, "'optimizer' must be an object")
     _require(isinstance(training, dict), path, "'training' must be an object")
+    query_sets: list[QuerySetSpec] = []
+    attribution = None
+    if version >= 2:
+        _require("query_sets" in d, path, "a version 2 manifest needs 'query_sets' (a list, empty when no set was recorded)")
+        query_sets = _parse_query_sets(d["query_sets"], path)
+        names = {spec.name for spec in layers}
+        for q in query_sets:
+            unknown = [x for x in q.partial_layers if x not in names]
+            if unknown:
+                raise errors.BadManifest(path, f"query set {q.name!r}: partial_layers names {unknown[0]!r}, which is not a layer")
+            _require(q.rows != "all" or not q.partial_layers, path,
+                     f"query set {q.name!r} keeps rows 'all' but lists partial_layers")
+        attribution = d.get("attribution")
+        _require(attribution is None or isinstance(attribution, dict), path, "'attribution' must be an object")
     top_known = {"format", "version", "layers", "tasks", "classes", "input", "optimizer", "training"}
+    if version >= 2:
+        top_known |= {"query_sets", "attribution"}
     return Manifest(
         layers=layers,
         tasks=tasks,
@@ -153,4 +231,33 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
         training=training,
         version=version,
         extra={k: v for k, v in d.items() if k not in top_known},
+        query_sets=query_sets,
+        attribution=attribution,
     )
+
+
+def _parse_query_sets(raw: Any, path: object) -> list[QuerySetSpec]:
+    _require(isinstance(raw, list), path, "'query_sets' must be a list")
+    out: list[QuerySetSpec] = []
+    known = {"name", "items", "rows", "read", "target", "partial_layers"}
+    for i, q in enumerate(raw):
+        _require(isinstance(q, dict), path, f"query_sets[{i}] must be an object")
+        name = q.get("name")
+        why = bad_query_set_name(name)
+        _require(why is None, path, f"query_sets[{i}]: {why}")
+        _require(all(o.name != name for o in out), path, f"query set {name!r} appears twice")
+        items = q.get("items")
+        _require(_is_int(items) and items >= 0, path, f"query set {name!r}: 'items' must be a non-negative integer")
+        rows = q.get("rows", "all")
+        _require(rows in QUERY_ROWS or (isinstance(rows, list) and all(_is_int(p) and p >= 0 for p in rows)), path,
+                 f"query set {name!r}: 'rows' must be 'all', 'focus' or a list of positions")
+        read = q.get("read", "logits")
+        _require(read in QUERY_READS or (_is_int(read) and read >= 0), path,
+                 f"query set {name!r}: 'read' must be one of {', '.join(QUERY_READS)} or a position")
+        target = q.get("target", "prediction")
+        _require(target in QUERY_TARGETS, path, f"query set {name!r}: 'target' must be one of {', '.join(QUERY_TARGETS)}")
+        partial = q.get("partial_layers", [])
+        _require(isinstance(partial, list) and all(isinstance(x, str) for x in partial), path,
+                 f"query set {name!r}: 'partial_layers' must be a list of layer names")
+        out.append(QuerySetSpec(name, items, rows, read, target, list(partial), {k: v for k, v in q.items() if k not in known}))
+    return out

@@ -1,4 +1,4 @@
-"""Open a bundle (one file or a sharded set) lazily and check it against format v1.
+"""Open a bundle (one file or a sharded set) lazily and check it against the format (v1 or v2).
 
 Opening reads headers only; tensors are memory-mapped views, and per-pattern tensors are
 served chunk by chunk, so opening a 10 GB bundle touches kilobytes.
@@ -16,7 +16,8 @@ from typing import Iterator
 import numpy as np
 
 from . import errors
-from .manifest import METADATA_KEY, LayerSpec, Manifest, parse_manifest
+from .manifest import METADATA_KEY, LayerSpec, Manifest, QuerySetSpec, parse_manifest
+from .queries import QuerySet
 from .safetensors_io import FLOAT_DTYPES, MappedFile, TensorInfo, read_header, to_float32
 
 PATTERN_FIELDS = ("keys", "values", "step", "example", "position")
@@ -40,13 +41,19 @@ class PatternChunk:
 
 
 class Bundle:
-    """A format-v1 bundle. Use `Bundle.open(path)`; structure is checked on open."""
+    """A dual-form bundle (format v1 or v2). Use `Bundle.open(path)`; structure is checked on open."""
 
     def __init__(self, path: Path, manifest: Manifest, files: dict[str, MappedFile], sharded: bool):
         self.path = path
         self.manifest = manifest
         self._files = files  # tensor name -> the file holding it
         self.sharded = sharded
+        if manifest.version == 1:
+            # One query set, "test", in the v1 layout (docs/format.md section 8).
+            n = self.info("test/label").shape[0] if self.has("test/label") and self.info("test/label").shape else 0
+            self._query_sets = {"test": QuerySet(self, QuerySetSpec("test", int(n), "all", "logits"), legacy=True)}
+        else:
+            self._query_sets = {q.name: QuerySet(self, q, legacy=False) for q in manifest.query_sets}
         self.validate_structure()
 
     # -------------------------------------------------------------- opening
@@ -118,6 +125,15 @@ class Bundle:
             return to_float32(raw, info.dtype)
         return np.asarray(raw)
 
+    def take(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """Rows `indices` of a tensor (random access), floats as float32."""
+        info = self.info(name)
+        raw = self._files[name].array(name)
+        rows = raw[np.asarray(indices, dtype=np.int64)]
+        if info.dtype in FLOAT_DTYPES:
+            return to_float32(rows, info.dtype)
+        return np.asarray(rows)
+
     def release(self, name: str, start: int, stop: int) -> None:
         """Tell the OS we are done with rows [start, stop) of a tensor (see MappedFile.release)."""
         info = self.info(name)
@@ -187,9 +203,30 @@ class Bundle:
     def train_size(self) -> int:
         return int(self.info("train/label").shape[0])
 
+    # -------------------------------------------------------------- query sets
+    @property
+    def query_set_names(self) -> list[str]:
+        return list(self._query_sets)
+
+    @property
+    def default_query_set(self) -> str | None:
+        """"test" when the bundle has it, else its first query set (None: it has none)."""
+        if "test" in self._query_sets:
+            return "test"
+        return next(iter(self._query_sets), None)
+
+    def queries(self, name: str | None = None) -> QuerySet:
+        """A query set by name (default: `default_query_set`); KeyError names the valid ones."""
+        name = name if name is not None else self.default_query_set
+        if name is None or name not in self._query_sets:
+            raise KeyError(name)
+        return self._query_sets[name]
+
     @property
     def test_size(self) -> int:
-        return int(self.info("test/label").shape[0])
+        """Items of the default query set (0 when the bundle has none)."""
+        name = self.default_query_set
+        return self._query_sets[name].size if name is not None else 0
 
     # -------------------------------------------------------------- checks
     def _expect(self, name: str, shape: tuple[int | None, ...], dtypes: tuple[str, ...]) -> TensorInfo:
@@ -207,13 +244,18 @@ class Bundle:
         m = self.manifest
         n_train = self._expect("train/label", (None,), ("I64",)).shape[0]
         self._expect("train/task", (n_train,), ("I64",))
-        n_test = self._expect("test/label", (None,), ("I64",)).shape[0]
-        self._expect("test/task", (n_test,), ("I64",))
-        self._expect("test/prediction", (n_test,), ("I64",))
         if self.has("train/input") and self.info("train/input").shape[:1] != (n_train,):
             raise errors.ShapeMismatch(self.path, f"'train/input' has {self.info('train/input').shape[:1]} rows, expected {n_train}")
-        if self.has("test/input") and self.info("test/input").shape[:1] != (n_test,):
-            raise errors.ShapeMismatch(self.path, f"'test/input' has {self.info('test/input').shape[:1]} rows, expected {n_test}")
+        for qs in self._query_sets.values():
+            self._validate_query_set(qs)
+        if m.version >= 2:
+            for name in self._files:
+                if name.startswith("queries/"):
+                    parts = name.split("/")
+                    if len(parts) < 3 or parts[1] not in self._query_sets:
+                        raise errors.BadManifest(self.path, f"tensor {name!r} belongs to no query set of the manifest's query_sets")
+                    if len(parts) > 3 and parts[2] == "layer" and parts[3] not in m.layer_names:
+                        raise errors.BadManifest(self.path, f"tensor {name!r} belongs to no layer of the manifest")
         text = m.input.get("kind") == "text"
         for spec in m.layers:
             L, i, o = spec.name, spec.in_features, spec.out_features
@@ -224,11 +266,6 @@ class Bundle:
             if spec.bias:
                 self._expect(f"layer/{L}/bias", (o,), ("F32",))
                 self._expect(f"layer/{L}/b0", (o,), ("F32",))
-            if emb:
-                self._expect(f"layer/{L}/queries", (n_test,), ("I64",))
-            else:
-                self._expect(f"layer/{L}/queries", (n_test, i), tuple(FLOAT_DTYPES))
-            self._expect(f"layer/{L}/query_grad", (n_test, o), ("F32",))
             if spec.chunks > len(self._files):
                 # Checked before listing chunk names: a corrupt count like 10**20 must not eat memory.
                 raise errors.MissingTensor(self.path, f"layer {L!r}: the manifest promises {spec.chunks} chunks, "
@@ -253,6 +290,32 @@ class Bundle:
             if total != spec.patterns:
                 raise errors.ShapeMismatch(self.path, f"layer {L!r} holds {total} patterns, the manifest says {spec.patterns}")
 
+    def _validate_query_set(self, qs: QuerySet) -> None:
+        n = self._expect(qs.item_name("label"), (None,), ("I64",)).shape[0]
+        if not qs.legacy and n != qs.spec.items:
+            raise errors.ShapeMismatch(self.path, f"query set {qs.name!r} holds {n} items, the manifest says {qs.spec.items}")
+        for f in ("task", "prediction") + (() if qs.legacy else ("target",)):
+            self._expect(qs.item_name(f), (n,), ("I64",))
+        if not qs.legacy:
+            for f, dtypes in (("probability", ("F32",)), ("loss", ("F32",)), ("example", ("I64",))):
+                if self.has(qs.item_name(f)):
+                    self._expect(qs.item_name(f), (n,), dtypes)
+        if qs.has("input") and self.info(qs.item_name("input")).shape[:1] != (n,):
+            raise errors.ShapeMismatch(self.path, f"{qs.item_name('input')!r} has {self.info(qs.item_name('input')).shape[:1]} rows, expected {n}")
+        for spec in self.manifest.layers:
+            L, i, o = spec.name, spec.in_features, spec.out_features
+            emb = spec.kind == "embedding"
+            rows = None if not qs.legacy else n
+            if emb:
+                r = self._expect(qs.row_name(L, "query"), (rows,), ("I64",)).shape[0]
+            else:  # version 1 allowed any float; version 2 says float32
+                r = self._expect(qs.row_name(L, "query"), (rows, i), tuple(FLOAT_DTYPES) if qs.legacy else ("F32",)).shape[0]
+            self._expect(qs.row_name(L, "grad"), (r, o), ("F32",))
+            if not qs.legacy:
+                for f in ("item", "position", "call"):
+                    self._expect(qs.row_name(L, f), (r,), ("I64",))
+                self._expect(qs.row_name(L, "focus"), (n,), ("I64",))
+
     def validate_contents(self, rows: int = 1 << 16) -> None:
         """Stream through every tensor: ids in range, steps in order, floats finite."""
         m = self.manifest
@@ -267,22 +330,51 @@ class Bundle:
 
         ids("train/label", n_classes, "classes")
         ids("train/task", n_tasks, "tasks")
-        ids("test/label", n_classes, "classes")
-        ids("test/prediction", n_classes, "classes")
-        ids("test/task", n_tasks, "tasks")
-        for name in ("train/input", "test/input"):
-            if self.has(name) and self.info(name).dtype in FLOAT_DTYPES:
-                self._finite(name, self.array(name))
+        if self.has("train/input") and self.info("train/input").dtype in FLOAT_DTYPES:
+            self._finite("train/input", self.array("train/input"))
+        for qs in self._query_sets.values():
+            n = qs.size
+            for f, upper, what in (("label", n_classes, "classes"), ("prediction", n_classes, "classes"),
+                                   ("target", n_classes, "classes"), ("task", n_tasks, "tasks"), ("example", n_train, "examples")):
+                if qs.has(f) and not (qs.legacy and f == "target"):
+                    ids(qs.item_name(f), upper, what)
+            for f in ("probability", "loss", "input"):
+                if qs.has(f) and self.info(qs.item_name(f)).dtype in FLOAT_DTYPES:
+                    self._finite(qs.item_name(f), self.array(qs.item_name(f)))
+            rule = qs.spec.target
+            if not qs.legacy and rule in ("prediction", "label") and np.any(qs.target != qs.array(rule)):
+                bad = int(np.nonzero(qs.target != qs.array(rule))[0][0])
+                raise errors.IdOutOfRange(self.path, f"query set {qs.name!r}: the manifest says target {rule!r}, but item "
+                                                     f"{bad}'s target differs from its {rule}")
+            for spec in m.layers:
+                L = spec.name
+                self._finite(qs.row_name(L, "grad"), self.array(qs.row_name(L, "grad")))
+                if spec.kind == "embedding":
+                    ids(qs.row_name(L, "query"), spec.in_features, "token ids")
+                else:
+                    self._finite(qs.row_name(L, "query"), self.array(qs.row_name(L, "query")))
+                if qs.legacy:
+                    continue
+                item = self.array(qs.row_name(L, "item"))
+                ids(qs.row_name(L, "item"), n, "items")
+                if np.any(np.diff(item) < 0):
+                    raise errors.BadOrder(self.path, f"{qs.row_name(L, 'item')!r} must never decrease")
+                for f in ("position", "call"):
+                    a = self.array(qs.row_name(L, f))
+                    if a.size and a.min() < 0:
+                        raise errors.IdOutOfRange(self.path, f"{qs.row_name(L, f)!r} holds {int(a.min())}, must be >= 0")
+                focus = self.array(qs.row_name(L, "focus"))
+                if focus.size:
+                    if focus.min() < -1 or focus.max() >= len(item):
+                        bad = int(focus.min()) if focus.min() < -1 else int(focus.max())
+                        raise errors.IdOutOfRange(self.path, f"{qs.row_name(L, 'focus')!r} holds {bad}, valid rows are -1..{len(item) - 1}")
+                    own = focus >= 0
+                    if np.any(item[focus[own]] != np.nonzero(own)[0]):
+                        raise errors.IdOutOfRange(self.path, f"{qs.row_name(L, 'focus')!r} points at a row of another item")
         for spec in m.layers:
             L = spec.name
-            for name in (f"layer/{L}/weight", f"layer/{L}/w0", f"layer/{L}/query_grad") + (
-                (f"layer/{L}/bias", f"layer/{L}/b0") if spec.bias else ()
-            ):
+            for name in (f"layer/{L}/weight", f"layer/{L}/w0") + ((f"layer/{L}/bias", f"layer/{L}/b0") if spec.bias else ()):
                 self._finite(name, self.array(name))
-            if spec.kind == "embedding":
-                ids(f"layer/{L}/queries", spec.in_features, "token ids")
-            else:
-                self._finite(f"layer/{L}/queries", self.array(f"layer/{L}/queries"))
             last_step = -math.inf
             for chunk in self.chunks(L, rows):
                 where = f"layer {L!r} patterns {chunk.start}..{chunk.start + len(chunk) - 1}"

@@ -10,24 +10,28 @@ from .spotlight import Spotlight
 from .text import is_text, position_context, test_text, window_text
 
 
-def ranking_dict(bundle: Bundle, spot: Spotlight, by: str, group: str, reverse: bool) -> dict[str, Any]:
+def ranking_dict(bundle: Bundle, spot: Spotlight, by: str, group: str, reverse: bool,
+                 queries: str | None = None) -> dict[str, Any]:
     test = spot.test
+    qs = bundle.queries(queries)
     d = {
+        "queries": qs.name,
         "test": test,
         "layer": spot.layer,
         "by": by,
         "group": group,
         "reverse": reverse,
-        "test_label": int(bundle.array("test/label")[test]),
-        "test_prediction": int(bundle.array("test/prediction")[test]),
-        "test_task": int(bundle.array("test/task")[test]),
+        "test_label": int(qs.array("label", test, test + 1)[0]),
+        "test_prediction": int(qs.array("prediction", test, test + 1)[0]),
+        "test_target": int(qs.array("target", test, test + 1)[0]),
+        "test_task": int(qs.array("task", test, test + 1)[0]),
         "results": [r.to_json() for r in spot.ranked[(by, group, reverse)]],
     }
     if is_text(bundle):
         # Text runs: the words behind each number. A pattern or training token gets the context
         # around its position, the token there and the token it was trained to predict
         # (`label` is that token's id); an example gets its whole window.
-        d["test_text"] = test_text(bundle, test)
+        d["test_text"] = test_text(bundle, test, qs.name)
         for r in d["results"]:
             if "position" in r:
                 r.update(position_context(bundle, r["example"], r["position"]))

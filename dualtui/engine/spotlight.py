@@ -1,9 +1,9 @@
 """Spotlights of attention: scores of every training pattern for test queries, in one pass.
 
-For a test item m at layer L (DESIGN.md section 3):
-    attention  α_t = k_t · q_m (+1 with a bias; [k_t == q_m] for an embedding)
+For an item m of a query set at layer L (docs/format.md section 6), with query rows q_r, g_r:
+    attention  α_t = k_t · q_f (+1 with a bias; [k_t == q_f] for an embedding), f the focus row
     magnitude  |α_t| · ‖v_t‖
-    effect     α_t · (v_t · g_m),  g_m = query_grad[m]
+    effect     Σ_r α_{t,r} (v_t · g_r) over all the item's rows
 One streaming pass over the layer's chunks keeps running top-k at both ends, sums per
 training example, masses per task / class / step bin, and the per-layer summary. Nothing of
 size patterns × queries is ever materialised beyond one block.
@@ -17,7 +17,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
+from .queryrows import ItemQueries, exact_scores, focus_outputs, item_rows, refocus
 from .stream import block_rows, gather_rows, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens, next_tokens, position_span
 from .topk import RunningTopK, top_of_dense
@@ -142,12 +144,24 @@ def total_steps(bundle: Bundle, layer: str) -> int:
     return max(last, int(declared) if isinstance(declared, int) else 0, 1)
 
 
-def check_tests(bundle: Bundle, tests: Iterable[int]) -> list[int]:
+def query_set(bundle: Bundle, queries: str | None):
+    """The named query set (default: "test"), or a ValueError naming the valid ones."""
+    try:
+        return bundle.queries(queries)
+    except KeyError:
+        names = bundle.query_set_names
+        if not names:
+            raise ValueError("the bundle has no query sets (record_test was never called)") from None
+        raise ValueError(f"unknown query set {queries!r}; valid: {', '.join(names)}") from None
+
+
+def check_tests(bundle: Bundle, tests: Iterable[int], queries: str | None = None) -> list[int]:
     tests = [int(t) for t in tests]
-    n = bundle.test_size
+    qs = query_set(bundle, queries)
+    n = qs.size
     for t in tests:
         if not 0 <= t < n:
-            raise IndexError(f"test index {t} out of range: the bundle has {n} test items (0..{n - 1})")
+            raise IndexError(f"item {t} out of range: query set {qs.name!r} has {n} items (0..{n - 1})")
     return tests
 
 
@@ -167,13 +181,18 @@ def spotlights(
     rows: int | None = None,
     dense_examples: bool = False,
     cancel: Callable[[], bool] | None = None,
+    queries: str | None = None,
+    focus: int | str | None = None,
 ) -> list[Spotlight]:
-    """Score every pattern of `layer` for each test item in `tests`, in one pass per batch of
-    queries. Returns one Spotlight per test item, with the requested rankings (and, with
-    dense_examples=True, every training example's summed scores as arrays). `cancel` is polled
-    between blocks; when it returns True the pass stops with `Cancelled` (the TUI uses it to
-    drop a computation the user has moved on from)."""
-    tests = check_tests(bundle, tests)
+    """Score every pattern of `layer` for each item `tests` of the query set `queries`
+    (default "test"), in one pass per batch of items. Returns one Spotlight per item, with the
+    requested rankings (and, with dense_examples=True, every training example's summed scores
+    as arrays). `focus`: rank attention at another position of each item (or "mean" over its
+    rows) instead of the stored focus row. `cancel` is polled between blocks; when it returns
+    True the pass stops with `Cancelled` (the TUI uses it to drop a computation the user has
+    moved on from)."""
+    tests = check_tests(bundle, tests, queries)
+    qs = query_set(bundle, queries)
     if groups is None:  # every grouping the layer supports ("position" needs positions: text runs)
         groups = GROUPS if bundle.has_position(layer) else tuple(g for g in GROUPS if g != "position")
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -188,25 +207,22 @@ def spotlights(
     out: list[Spotlight] = []
     slots = max(bundle.train_size, 1) * (1 + (position_span(bundle) if "position" in groups else 0))
     per_batch = max(1, min(QUERY_BATCH, ACCUMULATOR_BYTES // (3 * 8 * slots)))
+    # Items with many rows (all positions of a sequence) widen the score blocks: fewer per batch.
+    per_batch = max(1, min(per_batch, int(QUERY_BATCH / max(qs.rows_per_item(layer), 1.0))))
     for lo in range(0, len(tests), per_batch):
-        out.extend(_spotlight_batch(bundle, layer, tests[lo : lo + per_batch], top, tuple(by), tuple(groups),
-                                    tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples, cancel))
+        out.extend(_spotlight_batch(bundle, layer, qs, tests[lo : lo + per_batch], top, tuple(by), tuple(groups),
+                                    tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples, cancel, focus))
     return out
 
 
-def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by: tuple[str, ...],
+def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int, by: tuple[str, ...],
                      groups: tuple[str, ...], reverse: tuple[bool, ...], want_summary: bool, want_masses: bool,
                      step_bins: int, dev: torch.device, rows: int | None, dense_examples: bool = False,
-                     cancel: Callable[[], bool] | None = None) -> list[Spotlight]:
+                     cancel: Callable[[], bool] | None = None, focus: int | str | None = None) -> list[Spotlight]:
     spec = bundle.layer_spec(layer)
-    emb = spec.kind == "embedding"
     M = len(tests)
-    idx = np.asarray(tests)
-    q_np = bundle.array(f"layer/{layer}/queries")[idx]
-    g_np = bundle.array(f"layer/{layer}/query_grad")[idx].astype(np.float32)
-    q = torch.from_numpy(np.ascontiguousarray(q_np)).to(dev)
-    q = q.long() if emb else q.float()
-    g = torch.from_numpy(np.ascontiguousarray(g_np)).to(dev)
+    qrows = refocus(qs.rows(layer, np.asarray(tests)), focus, layer)
+    iq = ItemQueries.build(qrows, spec, dev)
     by_example = "example" in groups or dense_examples
     by_position = "position" in groups
     need_values = want_summary or want_masses or by_example or by_position or any(b != "attention" for b in by)
@@ -234,21 +250,17 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
     sq_sum = torch.zeros(M, dtype=f64, device=dev)
     learned = torch.zeros(M, spec.out_features, dtype=f64, device=dev)
 
-    for block in stream_blocks(bundle, layer, fields, dev, rows or block_rows(bundle, layer, M)):
+    for block in stream_blocks(bundle, layer, fields, dev, rows or block_rows(bundle, layer, max(M, len(qrows)))):
         if cancel is not None and cancel():
             raise Cancelled()
         k = block.tensors["keys"]
-        if emb:
-            alpha = (k[:, None] == q[None, :]).float()  # [n, M]
-        else:
-            alpha = k @ q.T
-            if spec.bias:
-                alpha += 1.0
+        a_rows = iq.row_alpha(k)  # [n, R]
+        alpha = iq.attention(a_rows)  # [n, M]
         scores: dict[str, torch.Tensor] = {"attention": alpha}
         if need_values:
             v = block.tensors["values"]
             scores["magnitude"] = alpha.abs() * torch.linalg.vector_norm(v, dim=1)[:, None]
-            scores["effect"] = alpha * (v @ g.T)
+            scores["effect"] = iq.effect(a_rows, v)
             learned += alpha.T.double() @ v.double()
         for (b, r), acc in pattern_topk.items():
             acc.update(-scores[b] if r else scores[b], block.start)
@@ -282,7 +294,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
 
     results = [Spotlight(test=t, layer=layer) for t in tests]
     if want_summary:
-        _fill_summaries(bundle, layer, results, q_np, learned.cpu().numpy(), abs_sum.cpu().numpy(), sq_sum.cpu().numpy(), abs_top)
+        _fill_summaries(bundle, layer, results, qrows, learned.cpu().numpy(), abs_sum.cpu().numpy(), sq_sum.cpu().numpy(), abs_top)
     if want_masses:
         edges = np.array([(b * steps_total + step_bins - 1) // step_bins for b in range(step_bins + 1)], dtype=np.int64)
         host = {key: t.cpu().numpy() for key, t in mass.items()}
@@ -293,7 +305,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
                 edges, host[("step", "attention")][:, j], host[("step", "abs")][:, j], host[("step", "effect")][:, j],
             )
     if pattern_topk:
-        _fill_pattern_ranks(bundle, layer, results, pattern_topk, q_np, g_np)
+        _fill_pattern_ranks(bundle, layer, results, pattern_topk, qrows)
     if by_example:
         sums = {s: t.cpu().numpy() for s, t in ex_sums.items()}
         count = ex_count.cpu().numpy()
@@ -309,21 +321,16 @@ def _spotlight_batch(bundle: Bundle, layer: str, tests: list[int], top: int, by:
     return results
 
 
-def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], q_np: np.ndarray, learned: np.ndarray,
+def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], qrows: QueryRows, learned: np.ndarray,
                     abs_sum: np.ndarray, sq_sum: np.ndarray, abs_top: RunningTopK) -> None:
+    """Initial vs learned terms of the layer's output at each item's focus row."""
     spec = bundle.layer_spec(layer)
     w = bundle.array(f"layer/{layer}/weight").astype(np.float64)
     w0 = bundle.array(f"layer/{layer}/w0").astype(np.float64)
-    if spec.kind == "embedding":
-        primal = w[q_np]
-        initial = w0[q_np]
-    else:
-        qd = q_np.astype(np.float64)
-        primal = qd @ w.T
-        initial = qd @ w0.T
-        if spec.bias:
-            primal += bundle.array(f"layer/{layer}/bias").astype(np.float64)
-            initial += bundle.array(f"layer/{layer}/b0").astype(np.float64)
+    bias = bundle.array(f"layer/{layer}/bias").astype(np.float64) if spec.bias else None
+    b0 = bundle.array(f"layer/{layer}/b0").astype(np.float64) if spec.bias else None
+    primal = focus_outputs(spec, w, bias, qrows)
+    initial = focus_outputs(spec, w0, b0, qrows)
     for j, res in enumerate(results):
         init_norm = float(np.linalg.norm(initial[j]))
         learn_norm = float(np.linalg.norm(learned[j]))
@@ -345,23 +352,29 @@ def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], q_np: 
         )
 
 
-def pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, q: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
-    """Exact (float64) scores of a few patterns for one query, read by random access."""
+def pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, q: np.ndarray, g: np.ndarray,
+                   focus: int = 0) -> dict[str, np.ndarray]:
+    """Exact (float64) scores of a few patterns for one item's query rows (q [r, in] or [r] ids,
+    g [r, out], `focus` the row attention is ranked at, −1: the mean), read by random access.
+    A single query (q [in] or a scalar id, g [out]) is one row."""
     spec = bundle.layer_spec(layer)
+    q = np.asarray(q)
+    g = np.asarray(g)
+    if g.ndim == 1:  # a single query row
+        g = g[None]
+        q = q.reshape(1) if spec.kind == "embedding" else q.reshape(1, -1)
     keys = gather_rows(bundle, layer, "keys", patterns)
-    values = gather_rows(bundle, layer, "values", patterns).astype(np.float64)
-    if spec.kind == "embedding":
-        alpha = (keys == q).astype(np.float64)
-    else:
-        alpha = keys.astype(np.float64) @ q.astype(np.float64) + (1.0 if spec.bias else 0.0)
-    return {
-        "attention": alpha,
-        "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1),
-        "effect": alpha * (values @ g.astype(np.float64)),
-    }
+    values = gather_rows(bundle, layer, "values", patterns)
+    return exact_scores(spec, keys, values, q, g, focus)
 
 
-def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], accs: dict, q_np: np.ndarray, g_np: np.ndarray) -> None:
+def item_pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, qrows: QueryRows, j: int) -> dict[str, np.ndarray]:
+    """Exact scores of a few patterns for item j of `qrows` (all its rows)."""
+    q, g, f = item_rows(qrows, j)
+    return pattern_scores(bundle, layer, patterns, q, g, f)
+
+
+def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], accs: dict, qrows: QueryRows) -> None:
     train_task = bundle.array("train/task")
     train_label = bundle.array("train/label")
     with_position = bundle.has_position(layer)
@@ -372,7 +385,7 @@ def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], ac
             if not len(idx):
                 res.ranked[(b, "pattern", r)] = []
                 continue
-            sc = pattern_scores(bundle, layer, idx, q_np[j], g_np[j])
+            sc = item_pattern_scores(bundle, layer, idx, qrows, j)
             step = gather_rows(bundle, layer, "step", idx)
             example = gather_rows(bundle, layer, "example", idx)
             position = gather_rows(bundle, layer, "position", idx) if with_position else None

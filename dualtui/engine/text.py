@@ -100,9 +100,10 @@ def window_text(bundle: Bundle, example: int) -> str:
     return _decode(vocab(bundle), row[: position_span(bundle)])
 
 
-def test_text(bundle: Bundle, test: int) -> str | None:
-    """A test item's context (the tokens before the predicted one), when the bundle has it."""
-    if not bundle.has("test/input"):
+def test_text(bundle: Bundle, test: int, queries: str | None = None) -> str | None:
+    """A query item's context (the tokens before the predicted one), when the bundle has it."""
+    qs = bundle.queries(queries)
+    if not qs.has("input"):
         return None
-    row = bundle.array("test/input", test, test + 1)[0].reshape(-1).astype(np.int64)
+    row = qs.array("input", test, test + 1)[0].reshape(-1).astype(np.int64)
     return _decode(vocab(bundle), row[: position_span(bundle)])

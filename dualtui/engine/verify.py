@@ -33,13 +33,20 @@ class LayerCheck:
 class VerifyReport:
     path: str
     layers: list[LayerCheck] = field(default_factory=list)
+    # The recorder's attribution check as the manifest records it (None: a version-1 bundle,
+    # recorded before the check existed).
+    attribution: dict | None = None
+    not_covered: list[str] | None = None
 
     @property
     def ok(self) -> bool:
         return all(layer.ok for layer in self.layers)
 
     def to_json(self) -> dict:
-        return {"bundle": self.path, "ok": self.ok, "layers": [asdict(layer) for layer in self.layers]}
+        return {"bundle": self.path, "ok": self.ok, "layers": [asdict(layer) for layer in self.layers],
+                "attribution": self.attribution if self.attribution is not None else
+                {"checked": False, "reason": "recorded before the attribution check existed (format version 1)"},
+                "not_covered": self.not_covered}
 
 
 def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
@@ -52,7 +59,10 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
     magnitude = np.zeros_like(weight)  # Σ_t |v_t| |k_t|ᵀ: scale of the rounding error
     bias_sum = np.zeros(spec.out_features)
     abs_key_sum = np.zeros(weight.shape[0] if emb else spec.in_features)
-    queries = bundle.array(f"layer/{layer}/queries")
+    # Every query row of every query set (docs/format.md section 7).
+    sets = [bundle.queries(n) for n in bundle.query_set_names]
+    query_rows = [qs.bundle.array(qs.row_name(layer, "query")) for qs in sets]
+    queries = np.concatenate(query_rows) if query_rows else np.zeros((0,) if emb else (0, spec.in_features), dtype=np.int64 if emb else np.float32)
     dual_out = None
     if not emb and queries.shape[0]:
         q = queries.astype(np.float64)
@@ -71,10 +81,13 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
             if spec.bias:
                 bias_sum += v.sum(axis=0)
             if dual_out is not None:
-                alpha = k @ q.T  # [n, M]
-                if spec.bias:
-                    alpha += 1.0
-                dual_out += alpha.T @ v
+                # Σ_t α_t v_t over the chunk, in blocks of query rows so that α stays ~64 MB.
+                step = max(1, (8 << 20) // max(k.shape[0], 1))
+                for lo in range(0, q.shape[0], step):
+                    alpha = k @ q[lo : lo + step].T  # [n, rows]
+                    if spec.bias:
+                        alpha += 1.0
+                    dual_out[lo : lo + step] += alpha.T @ v
     reconstructed = w0 + learned
     weight_err = float(np.abs(weight - reconstructed).max(initial=0.0))
     bias_err = None
@@ -116,7 +129,9 @@ def verify_bundle(bundle: Bundle, check_contents: bool = True) -> VerifyReport:
     """Validate contents (ids, order, finiteness; raises BundleError) then check every layer."""
     if check_contents:
         bundle.validate_contents()
-    report = VerifyReport(str(bundle.path))
+    nc = bundle.manifest.extra.get("not_covered")
+    report = VerifyReport(str(bundle.path), attribution=bundle.manifest.attribution,
+                          not_covered=list(nc) if isinstance(nc, list) else None)
     for spec in bundle.manifest.layers:
         report.layers.append(verify_layer(bundle, spec.name))
     return report

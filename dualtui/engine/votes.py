@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
+from .queryrows import ItemQueries
 from .stream import block_rows, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens
 
@@ -37,41 +39,55 @@ class LayerVotes:
         }
 
 
-def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto", query_batch: int = 4096) -> LayerVotes:
-    """One streaming pass per batch of test queries: Σ|α| per training class, per test item."""
+def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto", query_batch: int = 4096,
+                queries: str | None = None) -> LayerVotes:
+    """One streaming pass per batch of items of a query set: Σ|α| (attention at each item's
+    focus row) per training class."""
+    from .spotlight import query_set
+
     dev = device if isinstance(device, torch.device) else pick_device(device)
     spec = bundle.layer_spec(layer)
-    emb = spec.kind == "embedding"
+    qs = query_set(bundle, queries)
     n_classes = max(len(bundle.manifest.classes), 1)
     label_of = torch.from_numpy(bundle.array("train/label").astype(np.int64)).to(dev)
     # Text runs: a pattern votes for the token it was trained to predict (the token after its position).
     next_token = NextTokens(bundle, dev) if labels_are_tokens(bundle) and bundle.has_position(layer) else None
     fields = ("keys", "example") + (("position",) if next_token is not None else ())
-    queries = bundle.array(f"layer/{layer}/queries")
-    M = queries.shape[0]
+    M = qs.size
+    # Votes need each item's focus row only (all rows where the focus is a mean over them).
+    per = max(1, int(query_batch / max(1.0, qs.rows_per_item(layer) if _needs_all_rows(qs, layer) else 1.0)))
     class_abs = np.zeros((n_classes, M))
-    for lo in range(0, M, query_batch):
-        q = torch.from_numpy(np.array(queries[lo : lo + query_batch])).to(dev)
-        q = q.long() if emb else q.float()
-        acc = torch.zeros(n_classes, q.shape[0], dtype=torch.float64, device=dev)
-        for block in stream_blocks(bundle, layer, fields, dev, block_rows(bundle, layer, q.shape[0])):
-            k = block.tensors["keys"]
-            if emb:
-                a = (k[:, None] == q[None, :]).double()
-            else:
-                a = k @ q.T
-                if spec.bias:
-                    a += 1.0
-                a = a.abs().double()
+    for lo in range(0, M, per):
+        items = np.arange(lo, min(M, lo + per))
+        rows = qs.rows(layer, items)
+        if bool((rows.focus >= 0).all()):
+            rows = _focus_only(rows)
+        iq = ItemQueries.build(rows, spec, dev)
+        acc = torch.zeros(n_classes, len(items), dtype=torch.float64, device=dev)
+        for block in stream_blocks(bundle, layer, fields, dev, block_rows(bundle, layer, max(len(rows), len(items)))):
+            a = iq.attention(iq.row_alpha(block.tensors["keys"])).abs().double()
             ex = block.tensors["example"]
             acc.index_add_(0, label_of[ex] if next_token is None else next_token(ex, block.tensors["position"]), a)
-        class_abs[:, lo : lo + q.shape[0]] = acc.cpu().numpy()
+        class_abs[:, lo : lo + len(items)] = acc.cpu().numpy()
     vote = class_abs.argmax(axis=0) if M else np.zeros(0, dtype=np.int64)
-    label = bundle.array("test/label")
-    pred = bundle.array("test/prediction")
+    label = qs.label
+    pred = qs.prediction
     vote_right = vote == label
     model_right = pred == label
     mean = lambda x: float(x.mean()) if len(x) else 0.0  # noqa: E731
     table = [[int((vote_right & model_right).sum()), int((vote_right & ~model_right).sum())],
              [int((~vote_right & model_right).sum()), int((~vote_right & ~model_right).sum())]]
     return LayerVotes(layer, M, vote, class_abs, mean(vote_right), mean(vote == pred), mean(model_right), table)
+
+
+def _needs_all_rows(qs, layer: str) -> bool:
+    if qs.legacy:
+        return False
+    return bool((qs.bundle.raw(qs.row_name(layer, "focus")) < 0).any())
+
+
+def _focus_only(rows: QueryRows) -> QueryRows:
+    """Each item's focus row alone (enough for attention)."""
+    f = rows.focus
+    M = len(f)
+    return QueryRows(rows.query[f], rows.grad[f], np.arange(M), rows.position[f], rows.call[f], np.arange(M))

@@ -125,7 +125,7 @@ def record_digits(
             model, opt, out,
             tasks=data.tasks, classes=[str(i) for i in range(10)],
             input={"kind": "image", "shape": [8, 8]},
-            storage_dtype=storage_dtype, clip_norm=clip_norm,
+            storage_dtype=storage_dtype, clip_norm=clip_norm, output_layout="batch-first",
             train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
             training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
                       "epoch_end_steps": epoch_ends,
@@ -138,6 +138,8 @@ def record_digits(
     interrupted = False
     try:
         model.train()
+        if on_step:
+            on_step(0, len(batches))  # training starts (the progress bar appears)
         for s, ids in enumerate(batches):
             ctx = rec.batch(example=ids, label=data.y_train[ids], task=data.task_train[ids]) if rec else _null()
             with ctx:

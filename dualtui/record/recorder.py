@@ -9,8 +9,13 @@ Usage, in the user's own training loop:
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        rec.record_test(x_test, y_test, tasks=t_test)
+        rec.record_test(x_test, y_test, tasks=t_test)             # the query set "test"
+        rec.record_test(x_train[:1000], y_train[:1000], name="train-subset", examples=range(1000))
     # leaving the block writes the bundle; an exception or Ctrl-C writes the steps completed so far
+
+The pieces: `adapters/` (what each module kind records), `layout.py` (which example each input
+row belongs to), `gradscale.py` (primal == dual, step by step), `attribution.py` (the example
+ids are right), `queries.py` (query sets), `coefficients.py` (the SGD family's scalars).
 """
 
 from __future__ import annotations
@@ -21,21 +26,23 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..bundle.manifest import LayerSpec, Manifest
+from ..bundle.manifest import INPUT_KINDS, LayerSpec, Manifest, QuerySetSpec, bad_layer_name
 from ..bundle.writer import STORAGE_DTYPES, BundleWriter
+from .adapters import Adapter, AdapterError, adapter_class, recordable_kinds
+from .attribution import AttributionCheck, make_schedule
 from .coefficients import StepRecord, sgd_coefficients
+from .errors import RecorderError
+from .gradscale import PendingStep, make_probe, measure_scales
+from .layout import AmbiguousLayout, LayoutError, RowMap, check_layouts, declared_rule, explicit, resolve
+from .queries import QuerySetInfo, record_query_set
 
 REFUSED_OPTIMIZERS = "Adam, AdamW, RMSprop, Adagrad and other per-coordinate optimizers"
-
-
-class RecorderError(Exception):
-    """The model, optimizer or training loop cannot be recorded exactly (one-line message)."""
 
 
 class _CaptureGrad(torch.autograd.Function):
@@ -53,7 +60,8 @@ class _CaptureGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        ctx.sink.add_grad(grad)
+        if not ctx.sink.check.running:  # the attribution check's extra passes record nothing
+            ctx.sink.add_grad(grad)
         return grad, None
 
 
@@ -69,21 +77,47 @@ class _Call:
     """One forward call of a recorded layer during training: its patterns, awaiting grads."""
 
     keys: torch.Tensor  # [n, in] (or [n] token ids)
-    example: torch.Tensor  # [b] example ids of the batch (CPU)
-    per: int  # patterns per example: n == b * per, batch-major
+    rowmap: RowMap  # which batch row each input row belongs to
+    ids: torch.Tensor  # example ids: of the batch rows, or (explicit rows) of each input row (CPU)
     out_features: int
+    check: AttributionCheck
     grad: torch.Tensor | None = None
+    grad_dtype: torch.dtype = torch.float32
+    check_out: torch.Tensor | None = None  # the output the attribution check differentiates
+    check_grads: tuple | None = None
+    check_step: int = -1
+    candidates: list[RowMap] | None = None  # layouts that fit the shape, for the attribution check to decide
+    ambiguity: str = ""
 
     def add_grad(self, g: torch.Tensor) -> None:
+        self.grad_dtype = g.dtype
         g = g.detach().reshape(-1, self.out_features)
         self.grad = g if self.grad is None else self.grad + g
+
+    def example_ids(self) -> torch.Tensor:
+        if self.rowmap.rule == "explicit":
+            return self.ids
+        return self.ids[self.rowmap.examples()]
+
+    def positions(self) -> torch.Tensor:
+        if self.rowmap.rule == "explicit":  # rows of one example numbered in order of appearance
+            ids = self.ids
+            order = torch.argsort(ids, stable=True)
+            sorted_ids = ids[order]
+            start = torch.ones_like(sorted_ids, dtype=torch.bool)
+            start[1:] = sorted_ids[1:] != sorted_ids[:-1]
+            idx = torch.arange(len(ids))
+            first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 0).values
+            pos = torch.empty_like(ids)
+            pos[order] = idx - first
+            return pos
+        return self.rowmap.positions()
 
 
 @dataclass
 class _Layer:
     name: str
-    module: nn.Module
-    kind: str
+    adapter: Adapter
     spec: LayerSpec
     w_init: torch.Tensor  # W_0 (CPU copy, model dtype)
     b_init: torch.Tensor | None
@@ -91,26 +125,22 @@ class _Layer:
     bias_group: dict | None = None  # the bias's group when it is a different one
     calls: list[_Call] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)  # one per optimizer step, by step index
-    pending: list["_PendingStep"] = field(default_factory=list)  # applied steps not yet spooled
+    pending: list[PendingStep] = field(default_factory=list)  # applied steps not yet spooled
     pending_bytes: int = 0
     probe: torch.Tensor | None = None  # fixed random directions for the gradient-scale check
-    probe_w: torch.Tensor | None = None  # its weight rows and bias row, contiguous
-    probe_b: torch.Tensor | None = None
-    handle: Any = None
+    rule: str | None = None  # the layout rule: declared, or the first one inferred
+    rule_used: str | None = None  # what the first call used (for the manifest)
+    rowmaps: dict = field(default_factory=dict)  # (lead, B, test) -> RowMap
+    stack: list = field(default_factory=list)  # (rowmap, ids) of calls between pre- and post-hook
+    handles: list = field(default_factory=list)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.adapter.module
 
     @property
     def params(self) -> list[torch.Tensor]:
-        ps = [self.module.weight]
-        if self.kind == "linear" and self.module.bias is not None:
-            ps.append(self.module.bias)
-        return ps
-
-
-@dataclass
-class _PendingStep:
-    step: int
-    calls: list[_Call]
-    actual: torch.Tensor  # the parameter gradient projected on the layer's probe (on device)
+        return self.adapter.params
 
 
 def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict | None:
@@ -127,10 +157,20 @@ def _hyper(group: dict) -> tuple:
     return tuple(float(group.get(k, 0)) if k not in ("nesterov", "maximize") else bool(group.get(k, False)) for k in _HYPER)
 
 
+def _names(values: Sequence[Any] | None, what: str) -> list[str] | None:
+    if values is None:
+        return None
+    out = list(values)
+    bad = [v for v in out if not isinstance(v, str)]
+    if bad:
+        raise RecorderError(f"{what} must be strings (names), not {type(bad[0]).__name__} {bad[0]!r}")
+    return out
+
+
 class Recorder:
     """Record the dual form of a model's `nn.Linear` / `nn.Embedding` layers during SGD training.
 
-    layers: module names to record (default: every Linear and Embedding).
+    layers: module names to record (default: every recordable module).
     storage_dtype: "float32" (default), "float16" or "bfloat16" for stored keys and values.
     tasks / classes: names; task and class ids index into them.
     clip_norm: the max norm you pass to clip_grad_norm_, for the manifest only (the factor
@@ -139,6 +179,12 @@ class Recorder:
     input: the manifest's input description, e.g. {"kind": "image", "shape": [8, 8]}.
     train_inputs / train_labels / train_tasks: per training example (index = example id);
         labels and tasks may instead come from `batch(label=..., task=...)`.
+    layouts: {layer name or glob: "batch-first" | "sequence-first"}, for inputs whose batch
+        axis the shape alone does not tell (docs/format.md section 6); output_layout: the same
+        for the model's output.
+    check_attribution: True (default: steps 0, 1, 2, 4, 8, ...), False, every N steps, a list of
+        steps, or a function of the step: when to prove the example ids (attribution.py).
+    positions: store each pattern's position within its example (default: text runs only).
     """
 
     def __init__(
@@ -160,7 +206,13 @@ class Recorder:
         training: dict | None = None,
         extra: dict | None = None,
         clip_norm: float | None = None,
+        layouts: Mapping[str, str] | None = None,
+        output_layout: str | None = None,
+        check_attribution: bool | int | Sequence[int] | Callable[[int], bool] = True,
+        positions: bool | None = None,
     ):
+        if not isinstance(model, nn.Module):
+            raise RecorderError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.SGD):
             raise RecorderError(
                 f"{type(optimizer).__name__} cannot be recorded exactly: dualtui supports torch.optim.SGD "
@@ -172,28 +224,45 @@ class Recorder:
             raise RecorderError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
         self.model = model
         self.optimizer = optimizer
-        self.tasks = list(tasks) if tasks is not None else None
-        self.classes = list(classes) if classes is not None else None
-        self.input = dict(input) if input is not None else {"kind": "vector"}
+        self.tasks = _names(tasks, "tasks")
+        self.classes = _names(classes, "classes")
+        self.input = self._check_input(dict(input) if input is not None else {"kind": "vector"})
         self.extra = dict(extra or {})
         self.training = dict(training or {})
         self.clip_norm = clip_norm  # informational: the actual clipping factor is measured per step
+        try:
+            check_layouts(layouts)
+            check_layouts({"(model output)": output_layout} if output_layout is not None else None)
+            # A layouts={"*": ...} default covers the model's output too.
+            output_layout = output_layout or declared_rule("(model output)", layouts)
+            self.check = AttributionCheck(make_schedule(check_attribution), output_layout)
+        except (LayoutError, ValueError) as e:
+            raise RecorderError(str(e)) from None
+        self.layouts = dict(layouts or {})
+        self.output_layout = output_layout
         self._pending_records: list = []
         self.check_failures: list[str] = []
-        self.positions = self.input.get("kind") == "text"
+        self.positions = self.input.get("kind") == "text" if positions is None else bool(positions)
         self.storage_dtype = storage_dtype
         self.step_count = 0
         self.closed = False
         self.interrupted: str | None = None
         self._example: torch.Tensor | None = None
-        self._auto_example = 0
+        self._rows: dict[str, torch.Tensor] = {}
         self._labels: list[tuple[torch.Tensor, torch.Tensor]] = []  # (example ids, labels) per batch
         self._tasks_of: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._train_inputs = train_inputs
-        self._train_labels = None if train_labels is None else torch.as_tensor(train_labels).long().cpu()
-        self._train_tasks = None if train_tasks is None else torch.as_tensor(train_tasks).long().cpu()
-        self._test: dict[str, np.ndarray] = {}
-        self._queries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if train_inputs is not None:
+            self._check_preview("train_inputs", np.asarray(train_inputs.cpu() if isinstance(train_inputs, torch.Tensor) else train_inputs), None)
+        self._train_labels = None if train_labels is None else torch.as_tensor(train_labels).long().reshape(-1).cpu()
+        self._train_tasks = None if train_tasks is None else torch.as_tensor(train_tasks).long().reshape(-1).cpu()
+        if self._train_labels is not None:
+            self._check_ids("train_labels", self._train_labels, self.classes, "classes")
+        if self._train_tasks is not None:
+            self._check_ids("train_tasks", self._train_tasks, self.tasks, "tasks")
+        self.query_set_specs: dict[str, QuerySetSpec] = {}
+        self.query_tensors: dict[str, dict[str, np.ndarray]] = {}
+        self.query_sets: dict[str, QuerySetInfo] = {}
         self._in_step = False
         self._pending_interrupt = False
         self._recording = True
@@ -202,7 +271,10 @@ class Recorder:
         self.writer = BundleWriter(path, storage_dtype=storage_dtype, chunk_bytes=chunk_bytes, max_shard_bytes=max_shard_bytes)
         for layer in self.layers.values():
             self.writer.add_layer(layer.spec, with_position=self.positions)
-            layer.handle = layer.module.register_forward_hook(self._make_forward_hook(layer))
+            layer.handles = [layer.module.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True),
+                             layer.module.register_forward_hook(self._make_forward_hook(layer))]
+        self._root_handles = [model.register_forward_pre_hook(self._root_pre_hook),
+                              model.register_forward_hook(self._root_hook)]
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
         self._old_sigint = None
@@ -210,31 +282,89 @@ class Recorder:
             # Ctrl-C inside optimizer.step() would leave weights half-updated; defer it to after the step.
             self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ set-up and validation
+    def _check_input(self, inp: dict) -> dict:
+        """Refuse now what the bundle reader would refuse after training (docs/format.md §3)."""
+        kind = inp.get("kind")
+        if kind not in INPUT_KINDS:
+            raise RecorderError(f"input kind {kind!r} is not one of {', '.join(INPUT_KINDS)} "
+                                "(e.g. input={'kind': 'text', 'vocab': [...], 'context': 32})")
+        if kind == "text":
+            vocab = inp.get("vocab")
+            if not isinstance(vocab, (list, tuple)) or not all(isinstance(t, str) for t in vocab):
+                raise RecorderError("a text input needs 'vocab', the list of token strings (input={'kind': 'text', 'vocab': [...]})")
+            inp["vocab"] = list(vocab)
+            ctx = inp.get("context")
+            if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1):
+                raise RecorderError(f"input 'context' must be a positive integer, not {ctx!r}")
+        if kind == "image":
+            shape = inp.get("shape")
+            if (not isinstance(shape, (list, tuple)) or len(shape) not in (2, 3)
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+                raise RecorderError(f"an image input needs 'shape' [H, W] or [H, W, C] of positive integers, not {shape!r}")
+            inp["shape"] = list(shape)
+        return inp
+
+    def _check_preview(self, what: str, a: np.ndarray, n: int | None) -> None:
+        if n is not None and (a.ndim == 0 or a.shape[0] != n):
+            raise RecorderError(f"{what} has {a.shape[0] if a.ndim else 0} rows for {n} items")
+        if a.dtype.kind not in "biuf":
+            raise RecorderError(f"{what} must be numbers (images, token ids or vectors), not {a.dtype}")
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            raise RecorderError(f"{what} holds NaN or Inf")
+        kind = self.input["kind"]
+        if kind == "image" and list(a.shape[1:]) != list(self.input["shape"]):
+            raise RecorderError(f"{what} rows have shape {list(a.shape[1:])}, but input['shape'] is {self.input['shape']} "
+                                "(previews are drawn as images of that shape)")
+        if kind == "text":
+            if a.dtype.kind not in "iu":
+                raise RecorderError(f"{what} of a text run must be token ids (integers), not {a.dtype}")
+            vocab = len(self.input["vocab"])
+            if a.size and (a.min() < 0 or a.max() >= vocab):
+                raise RecorderError(f"{what} holds token id {int(a.max()) if a.max() >= vocab else int(a.min())}, "
+                                    f"outside the {vocab}-token vocabulary")
+
+    def _check_ids(self, what: str, ids: torch.Tensor, names: list[str] | None, kind: str) -> None:
+        if not ids.numel():
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0:
+            raise RecorderError(f"{what} hold {lo}: ids must be non-negative")
+        if names is not None and hi >= len(names):
+            raise RecorderError(f"{what} hold {hi}, but only {len(names)} {kind} are named (0..{len(names) - 1})")
+
     def _select_layers(self, names: Sequence[str] | None) -> dict[str, _Layer]:
-        candidates = {n: m for n, m in self.model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        modules = dict(self.model.named_modules())
+        candidates = {n: m for n, m in modules.items() if adapter_class(m) is not None}
+        if "" in candidates:
+            raise RecorderError(f"the model itself is an {type(self.model).__name__}: wrap it so that the layer has a name, "
+                                "e.g. Recorder(nn.Sequential(model), ...) records it as layer '0'")
         if names is None:
             chosen = list(candidates)
         else:
-            unknown = [n for n in names if n not in candidates]
-            if unknown:
-                raise RecorderError(f"unknown layer {unknown[0]!r}; recordable layers: {', '.join(candidates) or '(none)'}")
-            chosen = list(names)
+            names = list(names)
+            for n in names:
+                if n in candidates:
+                    continue
+                if n in modules:
+                    raise RecorderError(f"module {n!r} is a {type(modules[n]).__name__}, which dualtui cannot record; "
+                                        f"recordable kinds: {recordable_kinds()}; recordable layers: {', '.join(candidates) or '(none)'}")
+                raise RecorderError(f"unknown layer {n!r}; recordable layers: {', '.join(candidates) or '(none)'}")
+            chosen = names
         if not chosen:
-            raise RecorderError("the model has no nn.Linear or nn.Embedding layer to record")
+            raise RecorderError(f"the model has no layer dualtui can record ({recordable_kinds()})")
         seen: dict[int, str] = {}
         out: dict[str, _Layer] = {}
         for name in chosen:
+            why = bad_layer_name(name)
+            if why:
+                raise RecorderError(why)
             m = candidates[name]
-            kind = "embedding" if isinstance(m, nn.Embedding) else "linear"
-            if kind == "embedding":
-                if m.sparse:
-                    raise RecorderError(f"layer {name!r}: sparse embeddings are not supported (use sparse=False)")
-                if m.scale_grad_by_freq:
-                    raise RecorderError(f"layer {name!r}: scale_grad_by_freq rescales each row's gradient by its token count, which breaks the dual form")
-                if m.max_norm is not None:
-                    raise RecorderError(f"layer {name!r}: max_norm renormalises weights in the forward pass, which breaks the dual form")
-            params = [m.weight] + ([m.bias] if kind == "linear" and m.bias is not None else [])
+            try:
+                adapter = adapter_class(m)(name, m)
+            except AdapterError as e:
+                raise RecorderError(str(e)) from None
+            params = adapter.params
             groups = []
             for p in params:
                 if id(p) in seen:
@@ -250,14 +380,12 @@ class Recorder:
                 raise RecorderError(
                     f"layer {name!r}: weight and bias use different optimizer settings; the dual form needs one value per pattern"
                 )
-            if kind == "linear":
-                spec = LayerSpec(name, kind, m.in_features, m.out_features, m.bias is not None, 0, 1)
-            else:
-                spec = LayerSpec(name, kind, m.num_embeddings, m.embedding_dim, False, 0, 1)
-            w0 = m.weight.detach().to("cpu", copy=True)
-            b0 = m.bias.detach().to("cpu", copy=True) if spec.bias else None
+            spec = adapter.spec
+            w0 = params[0].detach().to("cpu", copy=True)
+            b0 = params[1].detach().to("cpu", copy=True) if spec.bias else None
             bias_group = groups[1] if len(groups) == 2 and groups[1] is not groups[0] else None
-            out[name] = _Layer(name, m, kind, spec, w0, b0, group=groups[0], bias_group=bias_group)
+            out[name] = _Layer(name, adapter, spec, w0, b0, group=groups[0], bias_group=bias_group,
+                               rule=declared_rule(name, self.layouts))
         return out
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -268,12 +396,16 @@ class Recorder:
 
     # ------------------------------------------------------------------ batches
     @contextlib.contextmanager
-    def batch(self, example: Any, label: Any = None, task: Any = None):
-        """Declare the training examples of the next forward pass(es) (ids index train/*)."""
+    def batch(self, example: Any, label: Any = None, task: Any = None, rows: Mapping[str, Any] | None = None):
+        """Declare the training examples of the next forward pass(es): one id per row of the
+        batch (ids index train/*; two views of one example are two rows with the same id).
+        rows: {layer: one example id per input row of that layer}, for layers whose input rows
+        follow no batch layout."""
         ex = torch.as_tensor(example).long().reshape(-1).cpu()
         if ex.numel() and int(ex.min()) < 0:
             raise RecorderError("example ids must be non-negative")
-        for ids, store, what in ((label, self._labels, "label"), (task, self._tasks_of, "task")):
+        for ids, store, what, names, kind in ((label, self._labels, "label", self.classes, "classes"),
+                                              (task, self._tasks_of, "task", self.tasks, "tasks")):
             if ids is None:
                 continue
             t = torch.as_tensor(ids).long().reshape(-1).cpu()
@@ -281,42 +413,120 @@ class Recorder:
                 t = t.expand(ex.numel())
             if t.numel() != ex.numel():
                 raise RecorderError(f"batch(): {t.numel()} {what}s for {ex.numel()} examples")
+            self._check_ids(f"batch() {what}s", t, names, kind)
             store.append((ex, t))  # scattered into train/label, train/task at close
-        previous = self._example
-        self._example = ex
+        explicit_rows: dict[str, torch.Tensor] = {}
+        for name, ids in (rows or {}).items():
+            if name not in self.layers:
+                raise RecorderError(f"batch(rows=...): {name!r} is not a recorded layer; recorded: {', '.join(self.layers)}")
+            t = torch.as_tensor(ids).long().reshape(-1).cpu()
+            if t.numel() and int(t.min()) < 0:
+                raise RecorderError("example ids must be non-negative")
+            explicit_rows[name] = t
+        previous, previous_rows = self._example, self._rows
+        self._example, self._rows = ex, explicit_rows
         try:
             yield self
         finally:
-            self._example = previous
+            self._example, self._rows = previous, previous_rows
 
-    def _examples_for(self, rows: int, layer: str) -> tuple[torch.Tensor, int]:
-        ex = self._example
-        if ex is None:
-            raise RecorderError("a recorded layer ran without example ids: wrap the forward pass in `with recorder.batch(example=ids):`")
-        b = ex.numel()
-        if b == 0 or rows % b:
-            raise RecorderError(f"layer {layer!r} saw {rows} input rows, which do not split evenly over {b} examples of the batch")
-        return ex, rows // b
+    def _rowmap(self, layer: _Layer, x: torch.Tensor, batch: int, test: bool = False) -> RowMap:
+        """The RowMap of one call (cached per shape), resolved under the layer's rule. Raises
+        AmbiguousLayout when several rules fit and the layer has none yet."""
+        lead = layer.adapter.lead(x)
+        key = (lead, batch, test, layer.rule)
+        rowmap = layer.rowmaps.get(key)
+        if rowmap is None:
+            try:
+                rowmap = resolve(layer.name, lead, batch, layer.rule, layer.adapter.feature)
+            except AmbiguousLayout:
+                raise
+            except LayoutError as e:
+                raise RecorderError(str(e)) from None
+            if layer.rule is None and rowmap.rule in ("batch-first", "sequence-first") and batch > 1:
+                # The first unambiguous shape fixes the layer's layout: later calls (a short last
+                # batch with B == L, say) are read the same way, or refused if they cannot be.
+                layer.rule = rowmap.rule
+            elif layer.rule is None and rowmap.rule == "broadcast":
+                layer.rule = "batch-first"
+            layer.rule_used = layer.rule_used or rowmap.rule
+            layer.rowmaps[key] = rowmap
+        return rowmap
+
+    def _make_pre_hook(self, layer: _Layer) -> Callable:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if not self._recording or not torch.is_grad_enabled():
+                return None
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                raise RecorderError(f"layer {layer.name!r} was called without a tensor as its first argument")
+            ex = self._example
+            if ex is None:  # refused in the forward hook if the output turns out to need a gradient
+                layer.stack.append(None)
+                return None
+            explicit_ids = self._rows.get(layer.name)
+            if explicit_ids is not None:
+                try:
+                    rowmap = explicit(layer.name, layer.adapter.lead(x), explicit_ids, layer.adapter.feature)
+                except LayoutError as e:
+                    raise RecorderError(str(e)) from None
+                layer.rule_used = layer.rule_used or "explicit"
+                layer.stack.append((rowmap, explicit_ids))
+                return None
+            try:
+                rowmap = self._rowmap(layer, x, ex.numel())
+            except AmbiguousLayout as e:
+                if self.check.current is None:  # refused in the forward hook if the output needs a gradient
+                    layer.stack.append(RecorderError(f"{e}; or keep check_attribution on (it tells the layouts "
+                                                     "apart at a checked step where the layer runs)"))
+                    return None
+                # Decided by the attribution check of this step (before the step is applied).
+                layer.stack.append((e.candidates[0], ex, e.candidates, str(e)))
+                return None
+            layer.stack.append((rowmap, ex))
+            if rowmap.expand_to is not None:
+                return (layer.adapter.expand(x, rowmap.expand_to),) + tuple(args[1:]), kwargs
+            return None
+
+        return pre
 
     def _make_forward_hook(self, layer: _Layer) -> Callable:
         out_features = layer.spec.out_features
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
-            if not self._recording or not torch.is_grad_enabled() or not output.requires_grad:
+            if not self._recording or not torch.is_grad_enabled() or not layer.stack:
                 return None
-            x = inputs[0].detach()
-            if layer.kind == "embedding":
-                keys = x.reshape(-1)
-            else:
-                keys = x.reshape(-1, x.shape[-1])
-            example, per = self._examples_for(keys.shape[0], layer.name)
-            call = _Call(keys, example, per, out_features)
+            entry = layer.stack.pop()
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return None
+            if entry is None:
+                raise RecorderError("a recorded layer ran without example ids: wrap the forward pass in `with recorder.batch(example=ids):`")
+            if isinstance(entry, RecorderError):
+                raise entry
+            rowmap, ids = entry[0], entry[1]
+            keys = layer.adapter.keys(inputs[0].detach())
+            call = _Call(keys, rowmap, ids, out_features, self.check)
+            if len(entry) > 2:
+                call.candidates, call.ambiguity = entry[2], entry[3]
             layer.calls.append(call)
             # Not output.register_hook: with in-place changes through views of the output
             # (embeddings plus positions, reshapes) the tensor hook can miss its gradient.
-            return _CaptureGrad.apply(output, call)
+            wrapped = _CaptureGrad.apply(output, call)
+            if self.check.current is not None:
+                call.check_out = wrapped
+                self.check.note_call(call)
+            return wrapped
 
         return hook
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self._recording and torch.is_grad_enabled():
+            self.check.begin(self.step_count, self._example, args)
+
+    def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self._recording and torch.is_grad_enabled() and self.check.current is not None:
+            return self.check.tap(output)
+        return None
 
     # ------------------------------------------------------------------ optimizer steps
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -333,104 +543,31 @@ class Recorder:
                     "(e.g. a scheduler drove their groups apart); the dual form needs one value per pattern"
                 )
             lr, mu, damp, nest, wd, maxim = hyper
-            active = layer.module.weight.grad is not None
+            active = layer.params[0].grad is not None
             layer.calls = [c for c in layer.calls if c.grad is not None]  # forwards without backward add nothing
-            actual = self._project_grad(layer) if active else None
+            if self.check.enabled:
+                failure = self.check.compare(layer.name, layer.calls, _Call.example_ids)
+                if failure:
+                    raise RecorderError(failure)
+            for c in layer.calls:
+                if c.candidates is not None:  # the check could not run on this call: nothing decided it
+                    why = next(iter(self.check.skipped), "the loss must use the model's output")
+                    raise RecorderError(f"{c.ambiguity}; the attribution check could not tell the layouts apart at "
+                                        f"step {self.step_count} ({why})")
+                if layer.rule is None and c.rowmap.rule in ("batch-first", "sequence-first") and c.rowmap.batch > 1:
+                    layer.rule = c.rowmap.rule  # decided by the check: later calls follow it
+                    layer.rule_used = layer.rule_used or c.rowmap.rule
+            if active and layer.probe is None:
+                layer.probe = make_probe(layer.adapter, layer.params[0])
+            actual = layer.adapter.project_grad(layer.probe) if active else None
             record = StepRecord(lr, mu, damp, nest, wd, maxim, active, 1.0)
             if active and self.step_count < EAGER_STEPS:
-                self._scales(layer, [_PendingStep(self.step_count, layer.calls, actual)])  # raises before the update
+                measure_scales(layer.adapter, layer.probe, [PendingStep(self.step_count, layer.calls, actual)])  # raises before the update
             records.append((record, actual))
+        self.check.step_done(self.step_count)
         # Appended in the post-hook, once the step has really happened.
         self._pending_records = records
         self._in_step = True
-
-    def _project_grad(self, layer: _Layer) -> torch.Tensor:
-        """.grad of the layer projected on two fixed random directions (no device sync)."""
-        w = layer.module.weight
-        if layer.probe is None:
-            gen = torch.Generator(device="cpu").manual_seed(1234)
-            rows = layer.spec.out_features if layer.kind == "embedding" else layer.spec.in_features + 1
-            layer.probe = torch.randn(rows, 2, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
-            layer.probe_w = layer.probe[:-1].contiguous()
-            layer.probe_b = layer.probe[-1].contiguous()
-        if layer.kind == "embedding":
-            return w.grad @ layer.probe  # [vocab, 2]
-        actual = w.grad @ layer.probe_w  # [out, 2]
-        bias = layer.module.bias
-        if layer.spec.bias and bias.grad is not None:
-            actual.addr_(bias.grad, layer.probe_b)
-        return actual
-
-    def _scales(self, layer: _Layer, pending: list[_PendingStep], failures: list[str] | None = None) -> np.ndarray:
-        """How each step's .grad relates to its recorded patterns: grad = scale·Σ g kᵀ.
-
-        Clipping by global norm, loss scaling and accumulation multiply a whole gradient by
-        one number; we read it off the random projections and refuse anything that is not
-        such a multiple (per-coordinate clipping, gradients from unrecorded uses of a layer):
-        raised at once, or appended to `failures` (keeping the least-squares scale) if given.
-        """
-        w = layer.module.weight
-        probe = layer.probe.to(torch.float64)
-        S = len(pending)
-        counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
-        calls = [c for p in pending for c in p.calls]
-        rows = layer.spec.in_features if layer.kind == "embedding" else layer.spec.out_features
-        recorded = torch.zeros(S * rows, 2, dtype=torch.float64, device=w.device)
-        # The same sums over |terms|: rounding in the sums that built .grad is relative to the
-        # size of the summed terms, not of the result (contributions can cancel).
-        magnitude = torch.zeros(S * rows, 2, dtype=torch.float64, device=w.device)
-        if calls:
-            keys = torch.cat([c.keys for c in calls])
-            grads = torch.cat([c.grad for c in calls]).to(torch.float64)
-            seg = torch.repeat_interleave(torch.arange(S, device=w.device), torch.tensor(counts, device=w.device))
-            if layer.kind == "embedding":
-                gp = grads @ probe  # [n, 2]
-                gp_abs = grads.abs() @ probe.abs()
-                if layer.module.padding_idx is not None:
-                    keep = (keys != layer.module.padding_idx)[:, None]  # PyTorch gives padding no gradient
-                    gp, gp_abs = gp * keep, gp_abs * keep
-                recorded.index_add_(0, seg * rows + keys, gp)
-                magnitude.index_add_(0, seg * rows + keys, gp_abs)
-            else:
-                k64 = keys.to(torch.float64)
-                proj = k64 @ probe[:-1]  # [n, 2]
-                proj_abs = k64.abs() @ probe[:-1].abs()
-                if layer.spec.bias:
-                    proj = proj + probe[-1]
-                    proj_abs = proj_abs + probe[-1].abs()
-                recorded = recorded.view(S, rows, 2)
-                magnitude = magnitude.view(S, rows, 2)
-                zeros = lambda: torch.zeros(S, rows, dtype=torch.float64, device=w.device)  # noqa: E731
-                for j in range(2):
-                    recorded[:, :, j] = zeros().index_add_(0, seg, grads * proj[:, j : j + 1])
-                    magnitude[:, :, j] = zeros().index_add_(0, seg, grads.abs() * proj_abs[:, j : j + 1])
-        recorded = recorded.view(S, rows, 2)
-        magnitude = magnitude.view(S, rows, 2)
-        actual = torch.stack([p.actual for p in pending]).to(torch.float64).view(S, rows, 2)
-        aa = (actual * actual).sum((1, 2))
-        ar = (actual * recorded).sum((1, 2))
-        rr = (recorded * recorded).sum((1, 2))
-        scale = torch.where(rr > 0, ar / torch.where(rr > 0, rr, 1.0), torch.ones_like(rr))
-        residual = torch.linalg.vector_norm(actual - scale[:, None, None] * recorded, dim=(1, 2))
-        mag = torch.linalg.vector_norm(magnitude, dim=(1, 2))
-        scale, residual, aa, rr, mag = (t.cpu().numpy() for t in (scale, residual, aa, rr, mag))
-        eps = torch.finfo(w.dtype).eps
-        for i, p in enumerate(pending):
-            problem = None
-            if rr[i] == 0.0 and aa[i] ** 0.5 > 1e3 * eps * mag[i]:
-                problem = (f"layer {layer.name!r} has a gradient at step {p.step} but no recorded forward pass produced it "
-                           "(was it run under a different module, or outside `recorder.batch`?)")
-            elif residual[i] > 1e3 * eps * max(aa[i] ** 0.5, abs(scale[i]) * mag[i]) + 1e-300:
-                problem = (f"layer {layer.name!r} step {p.step}: the gradient is not a scalar multiple of the recorded "
-                           f"patterns (relative residual {residual[i] / aa[i] ** 0.5:.1e}); per-coordinate gradient changes "
-                           "(clip_grad_value_, masking) or gradients from unrecorded uses of the layer break the dual form")
-            if problem is not None:
-                if failures is None:
-                    raise RecorderError(problem)
-                failures.append(problem)
-        # Within rounding of 1 means unscaled: say so exactly rather than carry the noise.
-        scale[np.abs(scale - 1.0) <= 100 * eps] = 1.0
-        return scale
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         flush = False
@@ -438,7 +575,7 @@ class Recorder:
             layer.steps.append(record)
             calls, layer.calls = layer.calls, []
             if record.active:
-                layer.pending.append(_PendingStep(self.step_count, calls, actual))
+                layer.pending.append(PendingStep(self.step_count, calls, actual))
                 layer.pending_bytes += sum(c.keys.nbytes + c.grad.nbytes for c in calls)
                 flush = flush or len(layer.pending) >= CHECK_WINDOW or layer.pending_bytes >= self.writer.chunk_bytes
         self._pending_records = []
@@ -464,7 +601,7 @@ class Recorder:
             # Failures are kept with the patterns (nothing recorded is dropped) and raised
             # once the patterns are safely spooled; the bundle then says what went wrong.
             failures: list[str] = []
-            scales = self._scales(layer, pending, failures)
+            scales = measure_scales(layer.adapter, layer.probe, pending, failures)
             self.check_failures.extend(failures)
             if failures and strict:
                 first_failure = first_failure or failures[0]
@@ -476,14 +613,11 @@ class Recorder:
             counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
             keys = torch.cat([c.keys for c in calls]).cpu()
             grads = torch.cat([c.grad for c in calls]).cpu()
-            if all(c.per == 1 for c in calls):  # the common case: one pattern per example
-                example = torch.cat([c.example for c in calls])
-            else:
-                example = torch.cat([c.example.repeat_interleave(c.per) for c in calls])
-            position = torch.cat([torch.arange(c.per).repeat(c.example.numel()) for c in calls]) if self.positions else example
+            example = torch.cat([c.example_ids() for c in calls])
+            position = torch.cat([c.positions() for c in calls]) if self.positions else example
             step = torch.repeat_interleave(torch.tensor([p.step for p in pending]), torch.tensor(counts))
-            if layer.kind == "embedding" and layer.module.padding_idx is not None:
-                keep = keys != layer.module.padding_idx  # PyTorch gives the padding row no gradient
+            keep = layer.adapter.keep(keys)
+            if keep is not None:
                 keys, grads, example, position, step = keys[keep], grads[keep], example[keep], position[keep], step[keep]
             arrays = dict(keys=keys.numpy(), values=grads.numpy(), step=step.numpy(), example=example.numpy())
             if self.positions:
@@ -492,96 +626,45 @@ class Recorder:
         if first_failure is not None:
             raise RecorderError(first_failure)
 
-    # ------------------------------------------------------------------ test set
+    # ------------------------------------------------------------------ query sets
     def record_test(
         self,
         inputs: Any,
         labels: Any,
         tasks: Any = None,
         *,
+        name: str = "test",
         preview: Any = None,
-        forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        read: Any = None,
+        focus: Any = None,
+        target: Any = "prediction",
+        rows: Any = "auto",
+        examples: Any = None,
         batch_size: int = 512,
+        batch_axis: int | None = None,
     ) -> np.ndarray:
-        """Run the test set once: record each layer's query (its input), the gradient of the
-        predicted-class logit w.r.t. its output, and the predictions. Sequence outputs
-        [B, L, C] use the last position. Returns the predictions."""
-        inputs = torch.as_tensor(inputs) if not isinstance(inputs, torch.Tensor) else inputs
-        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
-        m = labels.numel()
-        tasks_t = torch.zeros(m, dtype=torch.long) if tasks is None else torch.as_tensor(tasks).long().reshape(-1).cpu()
-        device = next(self.model.parameters()).device
-        forward = forward or (lambda model, x: model(x))
-        queries: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        qgrads: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        preds = []
-        was_training = self.model.training
-        self._recording = False
-        self.model.eval()
-        try:
-            for lo in range(0, m, batch_size):
-                x = inputs[lo : lo + batch_size].to(device)
-                seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Record a query set: run the model once per item (eval mode) and keep, at every layer,
+        every input row of every call (the queries) and the gradient of the item's target logit
+        with respect to each output row. Returns the predictions.
 
-                def make(name: str) -> Callable:
-                    def hook(module: nn.Module, ins: tuple, out: torch.Tensor) -> torch.Tensor:
-                        seen[name] = (ins[0].detach(), out)  # the last call wins for reused layers
-                        # Hand on a copy: an in-place op downstream (ReLU(inplace=True)) would
-                        # otherwise rewrite `out`'s autograd history, and the gradient taken
-                        # below would be w.r.t. the activation instead of the layer output.
-                        return out.clone()
-
-                    return hook
-
-                handles = [layer.module.register_forward_hook(make(n)) for n, layer in self.layers.items()]
-                try:
-                    with torch.enable_grad():
-                        logits = forward(self.model, x)
-                        if logits.dim() == 3:
-                            logits = logits[:, -1]
-                        pred = logits.argmax(dim=-1)
-                        missing = [n for n in self.layers if n not in seen]
-                        if missing:
-                            raise RecorderError(f"layer {missing[0]!r} did not run on the test inputs")
-                        outs = [seen[n][1] for n in self.layers]
-                        target = logits.gather(1, pred[:, None]).sum()
-                        # A frozen layer whose output needs no gradient has query_grad 0 (autograd
-                        # refuses to differentiate with respect to it).
-                        live = [o for o in outs if o.requires_grad] if target.requires_grad else []
-                        got = iter(torch.autograd.grad(target, live, allow_unused=True) if live else ())
-                        grads = [next(got) if target.requires_grad and o.requires_grad else None for o in outs]
-                finally:
-                    for h in handles:
-                        h.remove()
-                for (n, layer), g in zip(self.layers.items(), grads):
-                    q, out = seen[n]
-                    g = torch.zeros_like(out) if g is None else g
-                    if layer.kind == "embedding":
-                        q = q.reshape(q.shape[0], -1)[:, -1] if q.dim() > 1 else q
-                    elif q.dim() > 2:
-                        q = q.reshape(q.shape[0], -1, q.shape[-1])[:, -1]
-                    if g.dim() > 2:
-                        g = g.reshape(g.shape[0], -1, g.shape[-1])[:, -1]
-                    queries[n].append(q.cpu())
-                    qgrads[n].append(g.detach().cpu())
-                preds.append(pred.cpu())
-        finally:
-            self._recording = True
-            self.model.train(was_training)
-        prediction = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-        for n, layer in self.layers.items():
-            emb = layer.kind == "embedding"
-            q = torch.cat(queries[n]) if queries[n] else torch.zeros((0,) if emb else (0, layer.spec.in_features))
-            g = torch.cat(qgrads[n]) if qgrads[n] else torch.zeros(0, layer.spec.out_features)
-            self._queries[n] = (q.long().numpy() if emb else q.float().numpy(), g.float().numpy())
-        self._test = {
-            "test/label": labels.numpy(),
-            "test/task": tasks_t.numpy(),
-            "test/prediction": prediction.numpy().astype(np.int64),
-        }
-        if preview is not None:
-            self._test["test/input"] = np.asarray(preview)
-        return prediction.numpy()
+        inputs: a tensor, a tuple of tensors (model(*inputs)) or a dict (model(**inputs)),
+            batched along `batch_axis` (default: the axis with len(labels) entries).
+        name: the set's name ("test", "train-subset", "ood", ...); call once per set.
+        read: how to read one row of logits per item from the output: "last" (default for a
+            sequence output [items, positions, classes]), "first" ([CLS]), a position, "mean",
+            or a function of the output. Outputs with `.logits` are unwrapped.
+        focus: the position whose attention is ranked at layers with several rows per item
+            (default: the read-out position; "mean" for a mean read-out).
+        target: "prediction" (default), "label", or class ids: the logit whose gradient is kept.
+        rows: "all" (every row; the default unless it exceeds 1 GiB: "auto"), "focus", or a
+            list of positions. Effects are exact first-order changes when every row is kept.
+        examples: for a set drawn from the training data, the training example of each item.
+        """
+        preds, _ = record_query_set(self, name, inputs, labels, tasks, preview=preview, forward=forward, read=read,
+                                    focus=focus, target=target, rows=rows, examples=examples, batch_size=batch_size,
+                                    batch_axis=batch_axis)
+        return preds
 
     # ------------------------------------------------------------------ the dual form
     def coefficients(self, layer: str) -> tuple[float, np.ndarray]:
@@ -590,7 +673,7 @@ class Recorder:
 
     def dual(self, layer: str) -> dict[str, np.ndarray]:
         """The whole dual memory of one layer in the recording dtype (loads it all: for tests
-        and notebooks on small runs). Keys: w0, b0 (if bias), keys, values, step, example."""
+        and notebooks on small runs). Keys: w0, b0 (if bias), keys, values, step, example[, position]."""
         self._commit_pending()
         a, C = self.coefficients(layer)
         lay = self.layers[layer]
@@ -598,10 +681,12 @@ class Recorder:
         cat = lambda f, width: np.concatenate([c[f] for c in chunks]) if chunks else np.zeros((0,) + width)  # noqa: E731
         out = {
             "w0": a * lay.w_init.numpy(),
-            "keys": cat("keys", () if lay.kind == "embedding" else (lay.spec.in_features,)),
+            "keys": cat("keys", () if lay.adapter.feature is None else (lay.spec.in_features,)),
             "step": cat("step", ()).astype(np.int64),
             "example": cat("example", ()).astype(np.int64),
         }
+        if self.positions:
+            out["position"] = cat("position", ()).astype(np.int64)
         raw = cat("values", (lay.spec.out_features,))
         out["values"] = raw * C[out["step"]][:, None] if len(raw) else raw
         if lay.b_init is not None:
@@ -623,6 +708,10 @@ class Recorder:
             for chunk in self.writer.iter_chunks(layer.name):
                 if len(chunk["example"]):
                     n = max(n, int(chunk["example"].max()) + 1)
+        for static in self.query_tensors.values():
+            for key, a in static.items():
+                if key.endswith("/example") and a.size:
+                    n = max(n, int(a.max()) + 1)
         labels = np.zeros(n, dtype=np.int64)
         tasks = np.zeros(n, dtype=np.int64)
         if self._train_labels is not None:
@@ -635,7 +724,10 @@ class Recorder:
             tasks[ex.numpy()] = v.numpy()
         out = {"train/label": labels, "train/task": tasks}
         if self._train_inputs is not None:
-            out["train/input"] = np.asarray(self._train_inputs.cpu() if isinstance(self._train_inputs, torch.Tensor) else self._train_inputs)
+            inputs = np.asarray(self._train_inputs.cpu() if isinstance(self._train_inputs, torch.Tensor) else self._train_inputs)
+            if len(inputs) < n:
+                raise RecorderError(f"train_inputs has {len(inputs)} rows, but example ids reach {n - 1}")
+            out["train/input"] = inputs
         return out
 
     def _optimizer_json(self) -> dict:
@@ -667,26 +759,18 @@ class Recorder:
         specs = []
         for lay in self.layers.values():
             a, _ = self.coefficients(lay.name)
-            L = lay.name
-            static[f"layer/{L}/weight"] = lay.module.weight.detach().cpu().float().numpy()
-            static[f"layer/{L}/w0"] = (a * lay.w_init.double()).float().numpy()
-            if lay.spec.bias:
-                static[f"layer/{L}/bias"] = lay.module.bias.detach().cpu().float().numpy()
-                static[f"layer/{L}/b0"] = (a * lay.b_init.double()).float().numpy()
-            if L in self._queries:
-                q, g = self._queries[L]
-            else:
-                q = np.zeros((0,) if lay.kind == "embedding" else (0, lay.spec.in_features), dtype=np.int64 if lay.kind == "embedding" else np.float32)
-                g = np.zeros((0, lay.spec.out_features), dtype=np.float32)
-            static[f"layer/{L}/queries"] = q
-            static[f"layer/{L}/query_grad"] = g
+            static.update(lay.adapter.static(a, lay.w_init, lay.b_init))
+            if lay.rule_used:
+                lay.spec.extra["rows"] = lay.rule_used
             specs.append(lay.spec)
+        for tensors in self.query_tensors.values():
+            static.update(tensors)
         static.update(self._train_tables())
-        if not self._test:
-            self._test = {k: np.zeros(0, dtype=np.int64) for k in ("test/label", "test/task", "test/prediction")}
-        static.update(self._test)
-        labels_n = int(max([static["train/label"].max(initial=-1), static["test/label"].max(initial=-1), static["test/prediction"].max(initial=-1)])) + 1
-        tasks_n = int(max(static["train/task"].max(initial=-1), static["test/task"].max(initial=-1))) + 1
+        label_ids = [static["train/label"]] + [static[f"queries/{q}/{f}"] for q in self.query_set_specs
+                                               for f in ("label", "prediction", "target")]
+        task_ids = [static["train/task"]] + [static[f"queries/{q}/task"] for q in self.query_set_specs]
+        labels_n = int(max(a.max(initial=-1) for a in label_ids)) + 1
+        tasks_n = int(max(a.max(initial=-1) for a in task_ids)) + 1
         classes = self.classes if self.classes is not None else [str(i) for i in range(max(labels_n, 1))]
         tasks = self.tasks if self.tasks is not None else (["all"] if tasks_n <= 1 else [f"task {i}" for i in range(tasks_n)])
         training = {**self.training, "steps": self.step_count}
@@ -696,7 +780,9 @@ class Recorder:
             training["check_failures"] = self.check_failures
         extra = {"not_covered": self._not_covered(), **self.extra}
         manifest = Manifest(layers=specs, tasks=tasks, classes=classes, input=self.input,
-                            optimizer=self._optimizer_json(), training=training, extra=extra)
+                            optimizer=self._optimizer_json(), training=training, extra=extra,
+                            query_sets=list(self.query_set_specs.values()),
+                            attribution=self.check.to_json(list(self.layers)))
         coeffs = {lay.name: self.coefficients(lay.name)[1] for lay in self.layers.values()}
 
         def transform(layer: str, raw: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -713,10 +799,13 @@ class Recorder:
 
     def _detach(self) -> None:
         for layer in self.layers.values():
-            if layer.handle is not None:
-                layer.handle.remove()
-                layer.handle = None
+            for h in layer.handles:
+                h.remove()
+            layer.handles = []
             layer.calls = []
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
         self._pre.remove()
         self._post.remove()
         if self._old_sigint is not None:
@@ -735,6 +824,11 @@ class Recorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not self.closed:
+            if issubclass(exc_type, RecorderError) and self.step_count == 0:
+                # Refused before any step: nothing was recorded, so nothing is written (an earlier
+                # bundle at the same path stays as it was).
+                self.abort()
+                return
             # Keep what was recorded: the bundle holds every completed optimizer step.
             self.interrupted = "KeyboardInterrupt" if exc_type is KeyboardInterrupt else exc_type.__name__
         self.close()

@@ -208,6 +208,7 @@ def record_text(
             input={"kind": "text", "vocab": vocab, "context": cfg.context, "tokenizer": "characters",
                    "window": "train/input and test/input rows hold context + 1 tokens: the inputs, then the target of the last position"},
             storage_dtype=cfg.storage_dtype, clip_norm=cfg.clip_norm,
+            output_layout="batch-first",  # [windows, positions, vocab]: the attribution check decides each layer
             # train/label of a window is the token after it; class masses of text runs use the
             # token after each pattern's own position instead (DESIGN.md section 3).
             train_inputs=train.numpy(), train_labels=train[:, -1], train_tasks=train_task,
@@ -223,6 +224,8 @@ def record_text(
     tokens = 0  # training tokens seen (a pass's last batch may be short)
     try:
         model.train()
+        if on_step:
+            on_step(0, len(batches), None)  # training starts (the progress bar appears)
         for s, ids in enumerate(batches):
             x, y = train[ids, :-1], train[ids, 1:]
             ctx = rec.batch(example=ids, task=train_task[ids]) if rec else contextlib.nullcontext()

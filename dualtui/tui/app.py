@@ -52,6 +52,7 @@ class DualtuiApp(App[None]):
         Binding("x", "export('csv')", "CSV", id="export.csv", show=False),
         Binding("j", "export('json')", "JSON", id="export.json", show=False),
         Binding("s", "svg", "SVG", id="export.svg", show=False),
+        Binding("Q", "next_queries", "Query set", id="queries.next", show=False),
     ]
 
     def __init__(self, run: OpenRun, *, test: int = 0, layer: str | None = None, view: str = "spotlight",
@@ -66,7 +67,7 @@ class DualtuiApp(App[None]):
         self.start_view = view
         self.export_dir = export_dir or Path.cwd()
         self.results: dict[str, Spotlight] = {}
-        self._cache: OrderedDict[int, dict[str, Spotlight]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], dict[str, Spotlight]] = OrderedDict()  # (query set, item)
         self._generation = 0
         self.focus_ranking_pending = False
 
@@ -111,16 +112,16 @@ class DualtuiApp(App[None]):
     def compute(self) -> None:
         """Spotlights for the current test item: the current layer first, then the others."""
         self._generation += 1
-        cached = self._cache.get(self.test)
+        cached = self._cache.get((self.open_run.queries_name, self.test))
         self.results = dict(cached) if cached else {}
         self.refresh_views()
         missing = [self.layer] + [L for L in self.open_run.layers if L != self.layer]
         missing = [L for L in missing if L not in self.results]
         if missing:
-            self._compute_worker(self.test, missing, self._generation)
+            self._compute_worker(self.test, missing, self._generation, self.open_run.queries_name)
 
     @work(thread=True, exclusive=True, group="spotlight", exit_on_error=False)
-    def _compute_worker(self, test: int, layers: list[str], generation: int) -> None:
+    def _compute_worker(self, test: int, layers: list[str], generation: int, queries: str) -> None:
         worker = get_current_worker()
 
         def stale() -> bool:  # the user moved on: stop between blocks
@@ -137,15 +138,15 @@ class DualtuiApp(App[None]):
                 return
             if stale():
                 return
-            self.call_from_thread(self._layer_ready, test, layer, spot, generation)
+            self.call_from_thread(self._layer_ready, test, layer, spot, generation, queries)
 
-    def _layer_ready(self, test: int, layer: str, spot: Spotlight, generation: int) -> None:
-        cached = self._cache.setdefault(test, {})
+    def _layer_ready(self, test: int, layer: str, spot: Spotlight, generation: int, queries: str) -> None:
+        cached = self._cache.setdefault((queries, test), {})
         cached[layer] = spot
-        self._cache.move_to_end(test)
+        self._cache.move_to_end((queries, test))
         while len(self._cache) > CACHE_TESTS:
             self._cache.popitem(last=False)
-        if generation == self._generation and test == self.test:
+        if generation == self._generation and test == self.test and queries == self.open_run.queries_name:
             self.results[layer] = spot
             self.refresh_views()
         if len(cached) == len(self.open_run.layers):  # the first complete spotlight: now verify
@@ -186,6 +187,23 @@ class DualtuiApp(App[None]):
         self.focus_ranking_pending = True
         self.call_after_refresh(self.refresh_views)
 
+    def action_queries(self, name: str) -> None:
+        """Browse another query set: its items become the Tests tab's list, from item 0."""
+        if name == self.open_run.queries_name:
+            return
+        self.open_run.use_queries(name)
+        self.test = -1  # force a recompute below
+        self.query_one(TestsPane).fill()
+        self.set_state(test=0)
+        self.notify(f"query set {name!r}: {self.open_run.test_size:,} items")
+
+    def action_next_queries(self) -> None:
+        names = self.open_run.query_set_names
+        if len(names) < 2:
+            self.notify(f"this bundle has one query set ({names[0]!r})" if names else "this bundle has no query sets")
+            return
+        self.action_queries(names[(names.index(self.open_run.queries_name) + 1) % len(names)])
+
     def action_jump(self) -> None:
         self.action_view("tests")
         self.call_after_refresh(self.query_one("#jump").focus)
@@ -194,7 +212,9 @@ class DualtuiApp(App[None]):
         self.push_screen(HelpScreen())
 
     def export_path(self, ext: str) -> Path:
-        name = f"dualtui-test{self.test}-{self.layer}-{self.by}-{self.group}{'-reverse' if self.reverse else ''}.{ext}"
+        qs = self.open_run.queries_name
+        item = f"test{self.test}" if qs == "test" else f"{qs}{self.test}"
+        name = f"dualtui-{item}-{self.layer}-{self.by}-{self.group}{'-reverse' if self.reverse else ''}.{ext}"
         return self.export_dir / name
 
     def action_export(self, fmt: str) -> None:
@@ -202,7 +222,7 @@ class DualtuiApp(App[None]):
         if spot is None:
             self.notify("the spotlight is still being computed", severity="warning")
             return
-        d = ranking_dict(self.open_run.bundle, spot, self.by, self.group, self.reverse)
+        d = ranking_dict(self.open_run.bundle, spot, self.by, self.group, self.reverse, self.open_run.queries_name)
         path = self.export_path(fmt)
         try:
             path.write_text(json.dumps(d, indent=2) + "\n" if fmt == "json" else csv_text(d["results"]))

@@ -29,6 +29,8 @@ class DualtuiCommands(Provider):
         ]
         for score in ("attention", "magnitude", "effect"):
             out.append((f"score: {score}", partial(app.set_state, by=score), ""))
+        for name in app.open_run.query_set_names:
+            out.append((f"queries: {name}", partial(app.action_queries, name), "browse this query set's items"))
         for layer in app.open_run.layers:
             out.append((f"layer: {layer}", partial(app.set_state, layer=layer), ""))
         return out

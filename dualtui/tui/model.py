@@ -9,7 +9,7 @@ import numpy as np
 from rich.text import Text
 
 from ..bundle.reader import Bundle
-from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, pattern_scores, spotlights
+from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, item_pattern_scores, spotlights
 from ..engine.stream import gather_rows
 from ..engine.text import is_text, labels_are_tokens, position_span
 from ..tokens import visible
@@ -44,15 +44,14 @@ class LayerScore:
 class OpenRun:
     """A bundle opened for browsing, with the lookups the views need."""
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, queries: str | None = None):
         self.bundle = bundle
         m = bundle.manifest
         self.layers = m.layer_names
         self.tasks = m.tasks
         self.classes = m.classes
-        self.test_label = bundle.array("test/label")
-        self.test_prediction = bundle.array("test/prediction")
-        self.test_task = bundle.array("test/task")
+        self.query_set_names = bundle.query_set_names
+        self.use_queries(queries)
         self.train_label = bundle.array("train/label")
         self.train_task = bundle.array("train/task")
         self.is_text = is_text(bundle)
@@ -63,6 +62,14 @@ class OpenRun:
         # Grouping per training token needs positions at every layer (text runs).
         with_positions = self.is_text and all(bundle.has_position(L) for L in self.layers)
         self.groups: tuple[str, ...] = GROUPS if with_positions else tuple(g for g in GROUPS if g != "position")
+
+    def use_queries(self, name: str | None) -> None:
+        """Browse the query set `name` (default: test): its items replace the test items."""
+        self.queries = self.bundle.queries(name)
+        self.queries_name = self.queries.name
+        self.test_label = self.queries.label
+        self.test_prediction = self.queries.prediction
+        self.test_task = self.queries.task
 
     # ----------------------------------------------------------------- names
     def class_name(self, i: int) -> str:
@@ -94,7 +101,7 @@ class OpenRun:
         return str(self.bundle.manifest.input.get("kind", "vector"))
 
     def test_input(self, m: int) -> np.ndarray | None:
-        return self.bundle.array("test/input", m, m + 1)[0] if self.bundle.has("test/input") else None
+        return self.queries.input(m)
 
     def train_input(self, e: int) -> np.ndarray | None:
         return self.bundle.array("train/input", e, e + 1)[0] if self.bundle.has("train/input") else None
@@ -170,12 +177,18 @@ class OpenRun:
     def compute(self, test: int, layer: str, cancel: Callable[[], bool] | None = None) -> Spotlight:
         """Everything the app shows for one test item at one layer: one engine pass."""
         return spotlights(self.bundle, layer, [test], top=TOP, by=SCORES, groups=self.groups, reverse=(False, True),
-                          summary=True, masses=True, dense_examples=True, cancel=cancel)[0]
+                          summary=True, masses=True, dense_examples=True, cancel=cancel, queries=self.queries_name)[0]
 
     def across_layers(self, test: int, row: Ranked, group: str, results: dict[str, Spotlight]) -> list[LayerScore]:
         """The selected pattern's (or example's) scores at every computed layer."""
         out = []
-        q_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        q_cache: dict[str, object] = {}
+
+        def scores(layer: str, idx: np.ndarray) -> dict[str, np.ndarray]:
+            if layer not in q_cache:
+                q_cache[layer] = self.queries.rows(layer, [test])
+            return item_pattern_scores(self.bundle, layer, idx, q_cache[layer], 0)
+
         for layer in self.layers:
             spot = results.get(layer)
             if spot is None:
@@ -185,20 +198,12 @@ class OpenRun:
                 same = (int(gather_rows(self.bundle, layer, "step", idx)[0]) == row.step
                         and int(gather_rows(self.bundle, layer, "example", idx)[0]) == row.example)
                 if same:  # layers recorded in the same forward passes share pattern indices
-                    if layer not in q_cache:
-                        q_cache[layer] = (self.bundle.array(f"layer/{layer}/queries")[test],
-                                          self.bundle.array(f"layer/{layer}/query_grad")[test])
-                    q, g = q_cache[layer]
-                    sc = pattern_scores(self.bundle, layer, idx, q, g)
+                    sc = scores(layer, idx)
                     out.append(LayerScore(layer, float(sc["attention"][0]), float(sc["magnitude"][0]), float(sc["effect"][0]), True))
                     continue
             if group == "position" and row.position is not None:
                 idx = self.token_patterns(layer, row.example, row.position)
-                if layer not in q_cache:
-                    q_cache[layer] = (self.bundle.array(f"layer/{layer}/queries")[test],
-                                      self.bundle.array(f"layer/{layer}/query_grad")[test])
-                q, g = q_cache[layer]
-                sc = pattern_scores(self.bundle, layer, idx, q, g) if len(idx) else {k: np.zeros(0) for k in SCORES}
+                sc = scores(layer, idx) if len(idx) else {k: np.zeros(0) for k in SCORES}
                 out.append(LayerScore(layer, float(sc["attention"].sum()), float(sc["magnitude"].sum()), float(sc["effect"].sum()), True))
                 continue
             if spot.example_scores is not None:

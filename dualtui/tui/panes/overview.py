@@ -37,7 +37,19 @@ class OverviewPane(VerticalScroll):
         t = Text()
         t.append(f"{b.path}", style="bold")
         t.append(f"   format v{m.version} · {_size(b.size_bytes)}" + (f" in {len(b.files)} shards" if b.sharded else "") + "\n")
-        t.append(f"train examples {b.train_size:,} · test items {b.test_size:,} · input {self.run.input_kind}\n")
+        t.append(f"train examples {b.train_size:,} · input {self.run.input_kind}\n")
+        t.append("query sets: ", style="bold")
+        t.append(", ".join(f"{n} ({b.queries(n).size:,} items)" for n in b.query_set_names) or "none")
+        t.append("\n")
+        a = m.attribution
+        t.append("attribution: ", style="bold")
+        if a is None:
+            t.append("not checked (recorded before the check existed, format v1)\n")
+        elif a.get("checked"):
+            t.append(f"example ids checked at {len(a.get('steps', []))} steps, max relative error "
+                     f"{a.get('max_relative_error', 0.0):.1e}\n")
+        else:
+            t.append(f"not checked ({a.get('reason', '')})\n")
         t.append(f"tasks ({len(m.tasks)}): ", style="bold")
         t.append(", ".join(m.tasks) + "\n")
         t.append(f"classes ({len(m.classes)}): ", style="bold")

@@ -55,7 +55,9 @@ class TestsPane(Horizontal):
                           self.run.task_name(it.task), *extra, key=str(i))
         more = f" (first {PAGE}; jump to reach the rest)" if len(idx) > PAGE else ""
         wrong = int(sum(not self.run.test_item(i).correct for i in idx))
-        self.query_one("#tests-count", Static).update(f"{len(idx):,} test items, {wrong:,} wrong{more} · Enter: spotlight")
+        what = "test items" if self.run.queries_name == "test" else f"items of {self.run.queries_name!r}"
+        switch = " · Q: next query set" if len(self.run.query_set_names) > 1 else ""
+        self.query_one("#tests-count", Static).update(f"{len(idx):,} {what}, {wrong:,} wrong{more} · Enter: spotlight{switch}")
 
     def on_select_changed(self, event: Select.Changed) -> None:
         self.fill()

@@ -1,0 +1,149 @@
+"""Scores of a block of patterns against items with one or many query rows (docs/format.md §6).
+
+An item has rows r (positions, calls) at a layer, each with a query q_r and gradient g_r:
+    α_{t,r}   = k_t · q_r (+1 with a bias; [k_t == q_r] for an embedding)
+    attention = α at the item's focus row (or the mean over its rows, focus −1)
+    effect    = Σ_r α_{t,r} (v_t · g_r)
+With one row per item (a classifier's head, version-1 bundles) this is the plain
+attention / effect, and the fast path below does no extra work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..bundle.manifest import LayerSpec
+from ..bundle.queries import QueryRows
+
+
+def refocus(rows: QueryRows, focus: int | str | None, layer: str) -> QueryRows:
+    """The same rows with another focus: a position (of each item's last call), "mean", or
+    None (keep the stored focus)."""
+    if focus is None:
+        return rows
+    M = len(rows.focus)
+    if focus == "mean":
+        new = np.full(M, -1, dtype=np.int64)
+    elif isinstance(focus, (int, np.integer)) and not isinstance(focus, bool):
+        new = np.full(M, -1, dtype=np.int64)
+        for m in range(M):
+            mine = np.nonzero(rows.item == m)[0]
+            if not len(mine):
+                continue
+            last = mine[rows.call[mine] == rows.call[mine].max()]
+            p = int(focus) if focus >= 0 else int(rows.position[last].max()) + 1 + int(focus)
+            hit = last[rows.position[last] == p]
+            if not len(hit):
+                raise ValueError(f"layer {layer!r}: item has no query row at position {focus} "
+                                 f"(positions {int(rows.position[last].min())}..{int(rows.position[last].max())})")
+            new[m] = int(hit[0])
+    else:
+        raise ValueError(f"focus must be a position, 'mean' or None, not {focus!r}")
+    return QueryRows(rows.query, rows.grad, rows.item, rows.position, rows.call, new)
+
+
+@dataclass
+class ItemQueries:
+    """The query rows of a batch of M items on the compute device."""
+
+    M: int
+    emb: bool
+    bias: bool
+    q: torch.Tensor  # [R, in] float32, or [R] int64 token ids
+    g: torch.Tensor  # [R, out] float32
+    item: torch.Tensor  # [R] int64 in 0..M-1
+    focus: torch.Tensor  # [M] int64 row index or -1
+    single: bool  # one row per item and focus == identity: the plain one-query case
+    has_focus: torch.Tensor  # [M] bool
+    count: torch.Tensor  # [M] float32 rows per item (for the mean)
+
+    @classmethod
+    def build(cls, rows: QueryRows, spec: LayerSpec, device: torch.device) -> "ItemQueries":
+        M = len(rows.focus)
+        emb = spec.kind == "embedding"
+        q = torch.from_numpy(np.ascontiguousarray(rows.query)).to(device)
+        q = q.long() if emb else q.float()
+        g = torch.from_numpy(np.ascontiguousarray(rows.grad, dtype=np.float32)).to(device)
+        item = torch.from_numpy(np.ascontiguousarray(rows.item, dtype=np.int64)).to(device)
+        focus = torch.from_numpy(np.ascontiguousarray(rows.focus, dtype=np.int64)).to(device)
+        single = len(rows.item) == M and bool(np.array_equal(rows.focus, np.arange(M))) and bool(np.array_equal(rows.item, np.arange(M)))
+        count = torch.from_numpy(np.bincount(rows.item, minlength=M).astype(np.float32)).to(device)
+        return cls(M, emb, spec.bias, q, g, item, focus, single, focus >= 0, count)
+
+    def row_alpha(self, k: torch.Tensor) -> torch.Tensor:
+        """α_{t,r} for a block of keys: [n, R]."""
+        if self.emb:
+            return (k[:, None] == self.q[None, :]).float()
+        a = k @ self.q.T
+        if self.bias:
+            a += 1.0
+        return a
+
+    def attention(self, a_rows: torch.Tensor) -> torch.Tensor:
+        """[n, M]: α at each item's focus row (the mean over its rows for focus −1)."""
+        if self.single:
+            return a_rows
+        n = a_rows.shape[0]
+        out = a_rows[:, self.focus.clamp(min=0)]
+        if not bool(self.has_focus.all()):
+            mean = torch.zeros(n, self.M, dtype=a_rows.dtype, device=a_rows.device).index_add_(1, self.item, a_rows)
+            mean = mean / self.count.clamp(min=1.0)
+            out = torch.where(self.has_focus[None, :], out, mean)
+        return out
+
+    def effect(self, a_rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[n, M]: Σ over each item's rows of α_{t,r} (v_t · g_r)."""
+        e_rows = a_rows * (v @ self.g.T)
+        if self.single:
+            return e_rows
+        return torch.zeros(e_rows.shape[0], self.M, dtype=e_rows.dtype, device=e_rows.device).index_add_(1, self.item, e_rows)
+
+
+def item_rows(rows: QueryRows, j: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows of item j: (queries, grads, index of the focus among them or -1)."""
+    mine = np.nonzero(rows.item == j)[0]
+    f = int(rows.focus[j])
+    local = int(np.nonzero(mine == f)[0][0]) if f >= 0 else -1
+    return rows.query[mine], rows.grad[mine], local
+
+
+def exact_scores(spec: LayerSpec, keys: np.ndarray, values: np.ndarray, q: np.ndarray, g: np.ndarray,
+                 focus: int) -> dict[str, np.ndarray]:
+    """float64 scores of a few patterns (keys, values) for one item's rows (q [r, ...], g [r, out])."""
+    values = values.astype(np.float64)
+    if spec.kind == "embedding":
+        a_rows = (keys[:, None] == np.asarray(q)[None, :]).astype(np.float64)
+    else:
+        a_rows = keys.astype(np.float64) @ np.asarray(q, dtype=np.float64).T + (1.0 if spec.bias else 0.0)
+    if a_rows.shape[1] == 0:
+        alpha = np.zeros(len(keys))
+    elif focus >= 0:
+        alpha = a_rows[:, focus]
+    else:
+        alpha = a_rows.mean(axis=1)
+    effect = (a_rows * (values @ np.asarray(g, dtype=np.float64).T)).sum(axis=1)
+    return {"attention": alpha, "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1), "effect": effect}
+
+
+def focus_outputs(spec: LayerSpec, weight: np.ndarray, bias: np.ndarray | None, rows: QueryRows) -> np.ndarray:
+    """[M, out] float64: the layer's output at each item's focus (mean over rows for −1), for
+    a weight/bias pair (primal: trained; initial: w0, b0)."""
+    M = len(rows.focus)
+    if spec.kind == "embedding":
+        per_row = weight[np.asarray(rows.query, dtype=np.int64)]
+    else:
+        per_row = np.asarray(rows.query, dtype=np.float64) @ weight.T
+        if bias is not None:
+            per_row = per_row + bias
+    out = np.zeros((M, weight.shape[0] if spec.kind != "embedding" else weight.shape[1]))
+    has = rows.focus >= 0
+    out[has] = per_row[rows.focus[has]]
+    if not has.all():
+        sums = np.zeros_like(out)
+        np.add.at(sums, rows.item, per_row)
+        count = np.maximum(np.bincount(rows.item, minlength=M), 1)[:, None]
+        out[~has] = (sums / count)[~has]
+    return out

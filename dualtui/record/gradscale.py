@@ -1,0 +1,87 @@
+"""The gradient-scale check: how each optimizer step's `.grad` relates to its recorded patterns.
+
+Clipping by global norm, loss scaling and accumulation multiply a whole gradient by one number;
+we read that number off two fixed random projections of `.grad` and of the recorded patterns,
+and refuse anything that is not such a multiple (per-coordinate clipping, gradients from
+unrecorded uses of a layer). Mapping-independent: it sums patterns over all rows, so it proves
+primal == dual, while the attribution check (attribution.py) proves which example each row is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters import Adapter
+from .errors import RecorderError
+
+PROBE_SEED = 1234
+
+
+@dataclass
+class PendingStep:
+    """An applied optimizer step of one layer whose patterns are not yet spooled."""
+
+    step: int
+    calls: list[Any]  # the layer's _Call objects of that step
+    actual: torch.Tensor  # the parameter gradient projected on the layer's probe (on device)
+
+
+def make_probe(adapter: Adapter, like: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(PROBE_SEED)
+    probe = torch.randn(adapter.probe_width, 2, generator=gen, dtype=torch.float64)
+    return probe.to(device=like.device, dtype=like.dtype)
+
+
+def measure_scales(adapter: Adapter, probe: torch.Tensor, pending: list[PendingStep],
+                   failures: list[str] | None = None) -> np.ndarray:
+    """grad = scale·Σ g kᵀ per pending step. A step that is not such a multiple raises (or, with
+    `failures` given, is appended there and keeps its least-squares scale)."""
+    name = adapter.name
+    w = adapter.params[0]
+    S = len(pending)
+    rows = adapter.projected_rows
+    counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
+    calls = [c for p in pending for c in p.calls]
+    if calls:
+        keys = torch.cat([c.keys for c in calls])
+        grads = torch.cat([c.grad for c in calls]).to(torch.float64)
+        seg = torch.repeat_interleave(torch.arange(S, device=keys.device), torch.tensor(counts, device=keys.device))
+        recorded, magnitude = adapter.project_patterns(keys, grads, seg, S, probe)
+    else:
+        recorded = torch.zeros(S, rows, 2, dtype=torch.float64, device=w.device)
+        magnitude = torch.zeros_like(recorded)
+    recorded = recorded.to(w.device)
+    magnitude = magnitude.to(w.device)
+    actual = torch.stack([p.actual for p in pending]).to(torch.float64).view(S, rows, 2)
+    aa = (actual * actual).sum((1, 2))
+    ar = (actual * recorded).sum((1, 2))
+    rr = (recorded * recorded).sum((1, 2))
+    scale = torch.where(rr > 0, ar / torch.where(rr > 0, rr, 1.0), torch.ones_like(rr))
+    residual = torch.linalg.vector_norm(actual - scale[:, None, None] * recorded, dim=(1, 2))
+    # Rounding in the sums that built .grad is relative to the size of the summed terms, not of
+    # the result (contributions can cancel): compare against the sums over |terms|.
+    mag = torch.linalg.vector_norm(magnitude, dim=(1, 2))
+    scale, residual, aa, rr, mag = (t.cpu().numpy() for t in (scale, residual, aa, rr, mag))
+    eps = torch.finfo(w.dtype).eps
+    for i, p in enumerate(pending):
+        problem = None
+        if rr[i] == 0.0 and aa[i] ** 0.5 > 1e3 * eps * mag[i]:
+            problem = (f"layer {name!r} has a gradient at step {p.step} but no recorded forward pass produced it "
+                       "(was it run under a different module, or outside `recorder.batch`?)")
+        elif residual[i] > 1e3 * eps * max(aa[i] ** 0.5, abs(scale[i]) * mag[i]) + 1e-300:
+            problem = (f"layer {name!r} step {p.step}: the gradient is not a scalar multiple of the recorded "
+                       f"patterns (relative residual {residual[i] / aa[i] ** 0.5:.1e}); per-coordinate gradient changes "
+                       "(clip_grad_value_, masking) or gradients from unrecorded uses of the layer break the dual form")
+        if problem is not None:
+            if failures is None:
+                raise RecorderError(problem)
+            failures.append(problem)
+    # Within rounding of 1 means unscaled: say so exactly rather than carry the noise.
+    scale[np.abs(scale - 1.0) <= 100 * eps] = 1.0
+    return scale
+
+
