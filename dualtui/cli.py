@@ -349,11 +349,13 @@ def _report_recording(err: Any, result: Any, extra: dict, accuracy_label: str, a
     """The summary of a built-in recording (JSON on stdout with --json), accuracy per task on
     stderr, and exit 130 after an interrupt (the bundle of the completed steps is written)."""
     summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted, **extra,
-               "test_accuracy": result.accuracy}
+               "test_accuracy": result.accuracy, "test_query_bytes": result.query_bytes}
     if as_json:
         _emit_json(summary)
     for name, acc in result.accuracy.items():
         err.print(f"{accuracy_label} {name:>12}: {acc:6.1%}")
+    if result.query_bytes is not None:
+        err.print(f"test queries: every query row of every layer, {_human_bytes(result.query_bytes)}")
     if result.interrupted:
         err.print(f"interrupted after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
         raise typer.Exit(int(ExitCode.INTERRUPTED))

@@ -104,6 +104,10 @@ def check_layer(run: Run, layer: str, select: Callable[[Any, int], Any], select_
                 k_parts.append(k)
                 v_parts.append(-run.lr * g)
             want_k, want_v = np.concatenate(k_parts), np.concatenate(v_parts)
+            pad = getattr(run.model.get_submodule(layer), "padding_idx", None)
+            if pad is not None:  # PyTorch gives the padding row no gradient: it is no pattern
+                keep = want_k != pad
+                want_k, want_v = want_k[keep], want_v[keep]
             mine = (step == s) & (example == e)
             got_k, got_v = keys[mine], values[mine]
             assert len(got_k) == len(want_k), (f"step {s} example {e} at {layer!r}: {len(got_k)} patterns credited, "

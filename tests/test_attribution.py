@@ -388,3 +388,46 @@ def test_zero_step_refusal_leaves_an_earlier_bundle_alone(tmp_path) -> None:
     with pytest.raises(RecorderError):
         train(Mlp(), path, _two_view_batches(), ce_sum)
     assert path.read_bytes() == b"an earlier complete run"
+
+
+# ----------------------------------------------------------------------------- Hugging Face BERT
+def test_hugging_face_bert_from_a_config(tmp_path) -> None:
+    """BertForSequenceClassification built from a small config (no download): word, position
+    ([1, L] ids, broadcast) and token-type embeddings and every Linear, checked pattern by
+    pattern against each example run alone; the ModelOutput needs no forward=."""
+    transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' (transformers)")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=12, max_position_embeddings=12, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    class Bert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertForSequenceClassification(cfg)
+
+        def forward(self, ids):
+            return self.bert(input_ids=ids)  # a SequenceClassifierOutput: the recorder reads .logits
+
+    model = Bert()
+    g = torch.Generator().manual_seed(8)
+    X, Y = torch.randint(1, 30, (12, 6), generator=g), torch.randint(0, 3, (12,), generator=g)
+    X[0, 4:] = 0  # padding (pad_token_id 0): PyTorch gives it no gradient, so it is no pattern
+    batches = [(X[ids], ids, Y[ids]) for ids in (torch.tensor([0, 5, 2, 9]), torch.tensor([3, 0, 11, 7]), torch.tensor([1, 4, 6, 8]))]
+    n_pad = sum(int((x == 0).sum()) for x, _, _ in batches)
+    assert n_pad == 4
+    loss = lambda out, y: ce_sum(out.logits, y)  # noqa: E731
+    run = train(model, tmp_path / "bert.safetensors", batches, loss)
+    b = Bundle.open(run.path)
+    assert b.manifest.layer("bert.bert.embeddings.position_embeddings").extra["rows"] == "broadcast"
+    a = b.manifest.attribution
+    assert a["checked"] and len(a["layers"]) == len(b.manifest.layers) and a["max_relative_error"] < 1e-6
+    assert verify_bundle(b).ok
+    assert all("LayerNorm" in n for n in b.manifest.extra["not_covered"])  # the norms (a later adapter)
+    sel, sel_y = (lambda x, r: x[r : r + 1]), (lambda y, r: y[r : r + 1])
+    P = "bert.bert."
+    for layer, per in ((P + "embeddings.word_embeddings", 6), (P + "embeddings.position_embeddings", 6),
+                       (P + "embeddings.token_type_embeddings", 6), (P + "encoder.layer.0.attention.self.query", 6),
+                       (P + "encoder.layer.0.output.dense", 6), (P + "pooler.dense", 1), ("bert.classifier", 1)):
+        pads = n_pad if layer.endswith("word_embeddings") else 0
+        assert check_layer(run, layer, sel, sel_y, loss, rtol=1e-5) == 3 * 4 * per - pads, layer

@@ -86,6 +86,7 @@ class DigitsResult:
     steps: int
     accuracy: dict[str, float]  # per task name, plus "all"
     interrupted: bool = False
+    query_bytes: int | None = None  # bytes of the recorded test set (queries and their gradients)
 
 
 def record_digits(
@@ -104,6 +105,7 @@ def record_digits(
     record: bool = True,
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
+    check_attribution: bool = True,
 ) -> DigitsResult:
     """Train on digits (recording the dual form unless record=False) and write the bundle.
 
@@ -126,6 +128,7 @@ def record_digits(
             tasks=data.tasks, classes=[str(i) for i in range(10)],
             input={"kind": "image", "shape": [8, 8]},
             storage_dtype=storage_dtype, clip_norm=clip_norm, output_layout="batch-first",
+            check_attribution=check_attribution,
             train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
             training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
                       "epoch_end_steps": epoch_ends,
@@ -170,7 +173,8 @@ def record_digits(
     acc = {name: float(correct[data.task_test.numpy() == k].mean()) for k, name in enumerate(data.tasks)}
     acc["all"] = float(correct.mean())
     steps = rec.step_count if rec else len(batches)
-    return DigitsResult(Path(path), steps, acc, interrupted)
+    qbytes = rec.query_sets["test"].bytes if rec and "test" in rec.query_sets else None
+    return DigitsResult(Path(path), steps, acc, interrupted, qbytes)
 
 
 class _null:

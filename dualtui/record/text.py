@@ -100,6 +100,8 @@ class TextConfig:
     max_chars: int | None = None  # use only the first max_chars characters of each corpus
     storage_dtype: str = "float32"
     seed: int = 0
+    check_attribution: bool = True
+    query_rows: str = "auto"  # record_test rows: "all" positions of every test window, or "focus" (the last)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class TextResult:
     patterns_per_layer: int
     interrupted: bool = False
     origins: list[str] = field(default_factory=list)
+    query_bytes: int | None = None  # bytes of the recorded test set (every position's queries and gradients)
 
 
 @dataclass
@@ -209,6 +212,7 @@ def record_text(
                    "window": "train/input and test/input rows hold context + 1 tokens: the inputs, then the target of the last position"},
             storage_dtype=cfg.storage_dtype, clip_norm=cfg.clip_norm,
             output_layout="batch-first",  # [windows, positions, vocab]: the attribution check decides each layer
+            check_attribution=cfg.check_attribution,
             # train/label of a window is the token after it; class masses of text runs use the
             # token after each pattern's own position instead (DESIGN.md section 3).
             train_inputs=train.numpy(), train_labels=train[:, -1], train_tasks=train_task,
@@ -256,7 +260,8 @@ def record_text(
     try:
         labels = test[:, -1]
         if rec:
-            preds = rec.record_test(test[:, :-1], labels, torch.from_numpy(windows.test_task), preview=windows.test)
+            preds = rec.record_test(test[:, :-1], labels, torch.from_numpy(windows.test_task), preview=windows.test,
+                                    rows=cfg.query_rows)
         else:
             with torch.no_grad():
                 preds = model.eval()(test[:, :-1])[:, -1].argmax(-1).numpy()
@@ -267,6 +272,7 @@ def record_text(
     acc["all"] = float(correct.mean())
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
     steps = rec.step_count if rec else len(losses)
+    qbytes = rec.query_sets["test"].bytes if rec and "test" in rec.query_sets else None
     return TextResult(Path(path), steps, acc, float(np.mean(tail)), tokens,
-                      interrupted, windows.origins)
+                      interrupted, windows.origins, qbytes)
 
