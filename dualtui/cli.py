@@ -195,7 +195,12 @@ def info(
         out.print("no query sets (record_test was never called)")
     opt = d["optimizer"]
     if opt:
-        out.print("optimizer: " + ", ".join(f"{k}={v}" for k, v in opt.items()))
+        groups = opt.get("groups") if isinstance(opt.get("groups"), list) else None
+        out.print("optimizer: " + ", ".join(f"{k}={v}" for k, v in opt.items() if k != "groups"), markup=False)
+        for i, g in enumerate(groups or [] if len(groups or []) > 1 else []):
+            if isinstance(g, dict):
+                shown = ", ".join(f"{k}={v}" for k, v in g.items() if k not in ("names", "parameters"))
+                out.print(f"  group {i} ({g.get('parameters', '?')} parameters): {shown}", markup=False)
     tr = d["training"]
     if tr:
         out.print("training: " + ", ".join(f"{k}={v}" for k, v in tr.items()))

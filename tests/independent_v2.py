@@ -339,16 +339,18 @@ def check_invariants(path: str | Path, *, strict_focus: bool = True) -> dict:
         if "rows" in spec:
             _check(spec["rows"] in ROW_RULES, f"layer {L}: rows {spec['rows']!r}")
         wshape = (i, o) if emb else (o, i)
-        W = expect(f"layer/{L}/weight", wshape, {"F32"})
-        w0 = expect(f"layer/{L}/w0", wshape, {"F32"})
-        b = expect(f"layer/{L}/bias", (o,), {"F32"}) if bias else None
-        b0 = expect(f"layer/{L}/b0", (o,), {"F32"}) if bias else None
+        W = expect(f"layer/{L}/weight", wshape, {"F32", "F64"})  # F64: a float64 bundle
+        wdt = {files.dtype(f"layer/{L}/weight")}
+        spec["_weight_dtype"] = next(iter(wdt))
+        w0 = expect(f"layer/{L}/w0", wshape, wdt)
+        b = expect(f"layer/{L}/bias", (o,), wdt) if bias else None
+        b0 = expect(f"layer/{L}/b0", (o,), wdt) if bias else None
         if not bias:
             _check(not files.has(f"layer/{L}/bias") and not files.has(f"layer/{L}/b0"), f"layer {L}: bias tensors but bias is false")
 
         fields: dict[str, list[np.ndarray]] = {}
         dtypes: dict[str, set[str]] = {}
-        allowed = {"keys": {"I64"} if emb else set(STORAGES), "values": set(STORAGES), "step": {"I64"}, "example": {"I64"}, "position": {"I64"}}
+        allowed = {"keys": {"I64"} if emb else set(STORAGES) | {"F64"}, "values": set(STORAGES) | {"F64"}, "step": {"I64"}, "example": {"I64"}, "position": {"I64"}}
         tails = {"keys": () if emb else (i,), "values": (o,), "step": (), "example": (), "position": ()}
         lengths: dict[str, list[int]] = {}
         for f in PER_PATTERN:
@@ -373,6 +375,14 @@ def check_invariants(path: str | Path, *, strict_focus: bool = True) -> dict:
             in_range(position, 0, inp["context"] if text else 2**62, f"layer {L}: position")
         if emb:
             in_range(K, 0, i, f"layer {L}: key token ids")
+        # the constant input of the bias: 1, or bias_scale[step] when the bias has its own chain
+        bconst = np.ones(T)
+        if files.has(f"layer/{L}/bias_scale"):
+            _check(bias, f"layer {L}: bias_scale without a bias")
+            bs = expect(f"layer/{L}/bias_scale", (None,), {"F64"})
+            _check(T == 0 or step.max() < bs.shape[0], f"layer {L}: bias_scale does not cover step {int(step.max()) if T else 0}")
+            bconst = bs[step] if T else bconst
+        spec["_bias_const"] = bconst
 
         # weight == w0 + valuesᵀ keys (embedding: value t added to row keys[t])
         if emb:
@@ -397,7 +407,7 @@ def check_invariants(path: str | Path, *, strict_focus: bool = True) -> dict:
         _check(werr <= tol, f"layer {L}: max|weight - (w0 + vᵀk)| = {werr:.3g} > tolerance {tol:.3g}")
         berr = None
         if bias:
-            berr = float(np.abs(b - (b0 + V.sum(axis=0))).max(initial=0.0))
+            berr = float(np.abs(b - (b0 + bconst @ V)).max(initial=0.0))
             _check(berr <= tol_b, f"layer {L}: max|bias - (b0 + Σv)| = {berr:.3g} > tolerance {tol_b:.3g}")
         report["layers"][L] = {"weight_error": werr, "bias_error": berr, "tolerance": tol, "patterns": T,
                                "storage": sorted(dtypes["values"])}
@@ -472,8 +482,9 @@ def check_invariants(path: str | Path, *, strict_focus: bool = True) -> dict:
             base = f"{q}/layer/{L}"
             item = expect(f"{base}/item", (None,), {"I64"})
             R = item.shape[0]
-            Q = expect(f"{base}/query", (R,) if emb else (R, i), {"I64"} if emb else {"F32"})
-            expect(f"{base}/grad", (R, o), {"F32"})
+            wdt = {spec["_weight_dtype"]}  # query rows and grads come in the weight's dtype
+            Q = expect(f"{base}/query", (R,) if emb else (R, i), {"I64"} if emb else wdt)
+            expect(f"{base}/grad", (R, o), wdt)
             pos = expect(f"{base}/position", (R,), {"I64"})
             call = expect(f"{base}/call", (R,), {"I64"})
             focus = expect(f"{base}/focus", (M,), {"I64"})
@@ -510,7 +521,7 @@ def check_invariants(path: str | Path, *, strict_focus: bool = True) -> dict:
                     allowed_err = np.full(R, tol)
                 else:
                     primal = Q @ W.T + (b if spec["bias"] else 0.0)
-                    alpha = K @ Q.T + (1.0 if spec["bias"] else 0.0)
+                    alpha = K @ Q.T + (spec["_bias_const"][:, None] if spec["bias"] else 0.0)
                     dual = Q @ w0.T + alpha.T @ V + (b0 if spec["bias"] else 0.0)
                     allowed_err = tol * (np.abs(Q).sum(axis=1) + 1.0)
                 err = np.abs(primal - dual).max(axis=1)
@@ -568,13 +579,15 @@ def brute_alpha_rows(B: Loaded, S: str, L: str, item: int, *, absolute: bool = F
     rows, f = _item_rows(B, S, L, item)
     K = lay["keys"]
     T = K.shape[0]
+    bs = B.tensors.get(f"layer/{L}/bias_scale")
+    bconst = (np.abs(bs[lay["step"]]) if absolute else bs[lay["step"]]) if bs is not None else (1.0 if spec["bias"] else 0.0)
     a = np.zeros((T, len(rows)))
     for j, row in enumerate(rows):
         if spec["kind"] == "embedding":
             a[:, j] = (K == r["query"][row]).astype(np.float64)
         else:
             q = r["query"][row]
-            a[:, j] = (np.abs(K) @ np.abs(q) if absolute else K @ q) + (1.0 if spec["bias"] else 0.0)
+            a[:, j] = (np.abs(K) @ np.abs(q) if absolute else K @ q) + bconst
     return a, rows, f
 
 

@@ -21,13 +21,15 @@ from .queries import QuerySet
 from .safetensors_io import FLOAT_DTYPES, MappedFile, TensorInfo, read_header, to_float32
 
 PATTERN_FIELDS = ("keys", "values", "step", "example", "position")
-STORAGE_FLOATS = ("F32", "F16", "BF16")
+STORAGE_FLOATS = ("F32", "F64", "F16", "BF16")
+# Weights, initial weights, query rows and grads: float32, or float64 in a float64 bundle.
+EXACT_FLOATS = ("F32", "F64")
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
 @dataclass
 class PatternChunk:
-    """Patterns [start, start + len) of one layer, as float32 / int64 numpy arrays."""
+    """Patterns [start, start + len) of one layer, as float32 (float64 storage: float64) / int64 arrays."""
 
     start: int
     keys: np.ndarray  # [n, in] float32, or [n] int64 token ids for embeddings
@@ -196,6 +198,12 @@ class Bundle:
                     position=self.array(names["position"][i], lo, hi) if with_position else None,
                 )
 
+    def bias_scale(self, layer: str) -> np.ndarray | None:
+        """layer/<L>/bias_scale (float64, by step) when the layer's bias has its own coefficient
+        chain, else None (a bias is the weight of a constant input 1)."""
+        name = f"layer/{layer}/bias_scale"
+        return np.asarray(self.array(name), dtype=np.float64) if self.has(name) else None
+
     def storage_dtype(self, layer: str) -> str:
         return self.info(self.pattern_names(layer, "values")[0]).dtype
 
@@ -261,11 +269,15 @@ class Bundle:
             L, i, o = spec.name, spec.in_features, spec.out_features
             emb = spec.kind == "embedding"
             wshape = (i, o) if emb else (o, i)
-            self._expect(f"layer/{L}/weight", wshape, ("F32",))
-            self._expect(f"layer/{L}/w0", wshape, ("F32",))
+            self._expect(f"layer/{L}/weight", wshape, EXACT_FLOATS)
+            self._expect(f"layer/{L}/w0", wshape, EXACT_FLOATS)
             if spec.bias:
-                self._expect(f"layer/{L}/bias", (o,), ("F32",))
-                self._expect(f"layer/{L}/b0", (o,), ("F32",))
+                self._expect(f"layer/{L}/bias", (o,), EXACT_FLOATS)
+                self._expect(f"layer/{L}/b0", (o,), EXACT_FLOATS)
+            if self.has(f"layer/{L}/bias_scale"):
+                if not spec.bias:
+                    raise errors.BadManifest(self.path, f"layer {L!r} has a bias_scale but no bias")
+                self._expect(f"layer/{L}/bias_scale", (None,), ("F64",))
             if spec.chunks > len(self._files):
                 # Checked before listing chunk names: a corrupt count like 10**20 must not eat memory.
                 raise errors.MissingTensor(self.path, f"layer {L!r}: the manifest promises {spec.chunks} chunks, "
@@ -291,6 +303,10 @@ class Bundle:
                 raise errors.ShapeMismatch(self.path, f"layer {L!r} holds {total} patterns, the manifest says {spec.patterns}")
 
     def _validate_query_set(self, qs: QuerySet) -> None:
+        def weight_dtype(layer: str) -> str:
+            d = self.info(f"layer/{layer}/weight").dtype if self.has(f"layer/{layer}/weight") else "F32"
+            return d if d in EXACT_FLOATS else "F32"
+
         n = self._expect(qs.item_name("label"), (None,), ("I64",)).shape[0]
         if not qs.legacy and n != qs.spec.items:
             raise errors.ShapeMismatch(self.path, f"query set {qs.name!r} holds {n} items, the manifest says {qs.spec.items}")
@@ -308,9 +324,9 @@ class Bundle:
             rows = None if not qs.legacy else n
             if emb:
                 r = self._expect(qs.row_name(L, "query"), (rows,), ("I64",)).shape[0]
-            else:  # version 1 allowed any float; version 2 says float32
-                r = self._expect(qs.row_name(L, "query"), (rows, i), tuple(FLOAT_DTYPES) if qs.legacy else ("F32",)).shape[0]
-            self._expect(qs.row_name(L, "grad"), (r, o), ("F32",))
+            else:  # version 1 allowed any float; version 2: the dtype of the layer's weight (F32 or F64)
+                r = self._expect(qs.row_name(L, "query"), (rows, i), tuple(FLOAT_DTYPES) if qs.legacy else (weight_dtype(L),)).shape[0]
+            self._expect(qs.row_name(L, "grad"), (r, o), ("F32",) if qs.legacy else (weight_dtype(L),))
             if not qs.legacy:
                 for f in ("item", "position", "call"):
                     self._expect(qs.row_name(L, f), (r,), ("I64",))
@@ -375,6 +391,9 @@ class Bundle:
             L = spec.name
             for name in (f"layer/{L}/weight", f"layer/{L}/w0") + ((f"layer/{L}/bias", f"layer/{L}/b0") if spec.bias else ()):
                 self._finite(name, self.array(name))
+            bias_scale = self.bias_scale(L)
+            if bias_scale is not None:
+                self._finite(f"layer/{L}/bias_scale", bias_scale)
             last_step = -math.inf
             for chunk in self.chunks(L, rows):
                 where = f"layer {L!r} patterns {chunk.start}..{chunk.start + len(chunk) - 1}"
@@ -390,6 +409,9 @@ class Bundle:
                     if chunk.step.min() < 0 or chunk.step[0] < last_step or np.any(np.diff(chunk.step) < 0):
                         raise errors.BadOrder(self.path, f"{where}: 'step' must be non-negative and never decrease")
                     last_step = chunk.step[-1]
+                    if bias_scale is not None and chunk.step[-1] >= len(bias_scale):
+                        raise errors.IdOutOfRange(self.path, f"{where}: step {int(chunk.step[-1])} has no bias_scale "
+                                                             f"(it covers steps 0..{len(bias_scale) - 1})")
                     if chunk.position is not None and chunk.position.min() < 0:
                         raise errors.IdOutOfRange(self.path, f"{where}: negative position")
 

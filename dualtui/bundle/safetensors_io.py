@@ -183,9 +183,12 @@ class MappedFile:
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Widen a float tensor read by `MappedFile.array` to float32 (bfloat16 from its bits)."""
+    """Widen a float tensor read by `MappedFile.array` to float32 (bfloat16 from its bits);
+    float64 stays float64 (a float64 bundle is read at its own precision)."""
     if dtype == "BF16":
         return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F64":
+        return np.asarray(raw, dtype=np.float64)
     return np.asarray(raw, dtype=np.float32)
 
 

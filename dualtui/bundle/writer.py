@@ -25,7 +25,7 @@ from .safetensors_io import DTYPES, PendingTensor, iter_rows, write_file
 _NP_TO_ST = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
              np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("uint8"): "U8",
              np.dtype("int8"): "I8", np.dtype("int16"): "I16", np.dtype("bool"): "BOOL"}
-STORAGE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+STORAGE_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
 # Rows copied at a time when laying out the final file: bounds memory during finalize.
 COPY_ROWS = 1 << 15
 

@@ -61,24 +61,29 @@ class ItemQueries:
     count: torch.Tensor  # [M] float32 rows per item (for the mean)
 
     @classmethod
-    def build(cls, rows: QueryRows, spec: LayerSpec, device: torch.device) -> "ItemQueries":
+    def build(cls, rows: QueryRows, spec: LayerSpec, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> "ItemQueries":
+        """`dtype`: the keys' compute dtype (float64 for a float64 bundle)."""
         M = len(rows.focus)
         emb = spec.kind == "embedding"
         q = torch.from_numpy(np.ascontiguousarray(rows.query)).to(device)
-        q = q.long() if emb else q.float()
-        g = torch.from_numpy(np.ascontiguousarray(rows.grad, dtype=np.float32)).to(device)
+        q = q.long() if emb else q.to(dtype)
+        g = torch.from_numpy(np.ascontiguousarray(rows.grad)).to(device=device, dtype=dtype)
         item = torch.from_numpy(np.ascontiguousarray(rows.item, dtype=np.int64)).to(device)
         focus = torch.from_numpy(np.ascontiguousarray(rows.focus, dtype=np.int64)).to(device)
         single = len(rows.item) == M and bool(np.array_equal(rows.focus, np.arange(M))) and bool(np.array_equal(rows.item, np.arange(M)))
-        count = torch.from_numpy(np.bincount(rows.item, minlength=M).astype(np.float32)).to(device)
+        count = torch.from_numpy(np.bincount(rows.item, minlength=M)).to(device=device, dtype=dtype)
         return cls(M, emb, spec.bias, q, g, item, focus, single, focus >= 0, count)
 
-    def row_alpha(self, k: torch.Tensor) -> torch.Tensor:
-        """α_{t,r} for a block of keys: [n, R]."""
+    def row_alpha(self, k: torch.Tensor, bias_term: torch.Tensor | None = None) -> torch.Tensor:
+        """α_{t,r} for a block of keys: [n, R]. The bias is the weight of a constant input 1, or
+        of bias_term [n] (layer/<L>/bias_scale at each pattern's step) when it has its own chain."""
         if self.emb:
-            return (k[:, None] == self.q[None, :]).float()
+            return (k[:, None] == self.q[None, :]).to(self.g.dtype)
         a = k @ self.q.T
-        if self.bias:
+        if bias_term is not None:
+            a += bias_term.to(a.dtype)[:, None]
+        elif self.bias:
             a += 1.0
         return a
 
@@ -111,13 +116,18 @@ def item_rows(rows: QueryRows, j: int) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def exact_scores(spec: LayerSpec, keys: np.ndarray, values: np.ndarray, q: np.ndarray, g: np.ndarray,
-                 focus: int) -> dict[str, np.ndarray]:
-    """float64 scores of a few patterns (keys, values) for one item's rows (q [r, ...], g [r, out])."""
+                 focus: int, bias_term: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """float64 scores of a few patterns (keys, values) for one item's rows (q [r, ...], g [r, out]);
+    bias_term [n]: each pattern's bias_scale (default 1 with a bias)."""
     values = values.astype(np.float64)
     if spec.kind == "embedding":
         a_rows = (keys[:, None] == np.asarray(q)[None, :]).astype(np.float64)
     else:
-        a_rows = keys.astype(np.float64) @ np.asarray(q, dtype=np.float64).T + (1.0 if spec.bias else 0.0)
+        a_rows = keys.astype(np.float64) @ np.asarray(q, dtype=np.float64).T
+        if bias_term is not None:
+            a_rows += np.asarray(bias_term, dtype=np.float64)[:, None]
+        elif spec.bias:
+            a_rows += 1.0
     if a_rows.shape[1] == 0:
         alpha = np.zeros(len(keys))
     elif focus >= 0:

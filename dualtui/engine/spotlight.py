@@ -20,7 +20,7 @@ import torch
 from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
 from .queryrows import ItemQueries, exact_scores, focus_outputs, item_rows, refocus
-from .stream import block_rows, gather_rows, pick_device, stream_blocks
+from .stream import block_rows, compute_dtype, gather_rows, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens, next_tokens, position_span
 from .topk import RunningTopK, top_of_dense
 
@@ -222,15 +222,17 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
     spec = bundle.layer_spec(layer)
     M = len(tests)
     qrows = refocus(qs.rows(layer, np.asarray(tests)), focus, layer)
-    iq = ItemQueries.build(qrows, spec, dev)
+    iq = ItemQueries.build(qrows, spec, dev, compute_dtype(bundle, layer))
     by_example = "example" in groups or dense_examples
     by_position = "position" in groups
     need_values = want_summary or want_masses or by_example or by_position or any(b != "attention" for b in by)
     need_example = want_masses or by_example or by_position
+    bias_scale = bundle.bias_scale(layer)
+    bias_table = torch.from_numpy(bias_scale).to(dev) if bias_scale is not None else None
     tables = _tables(bundle, dev, layer) if need_example else None
     need_position = by_position or (want_masses and tables.next_token is not None)
     fields = (["keys"] + (["values"] if need_values else []) + (["example"] if need_example else [])
-              + (["step"] if want_masses else []) + (["position"] if need_position else []))
+              + (["step"] if want_masses or bias_table is not None else []) + (["position"] if need_position else []))
     n_train = bundle.train_size
     steps_total = total_steps(bundle, layer) if want_masses else 1
     f64 = torch.float64
@@ -254,7 +256,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
         if cancel is not None and cancel():
             raise Cancelled()
         k = block.tensors["keys"]
-        a_rows = iq.row_alpha(k)  # [n, R]
+        a_rows = iq.row_alpha(k, bias_table[block.tensors["step"]] if bias_table is not None else None)  # [n, R]
         alpha = iq.attention(a_rows)  # [n, M]
         scores: dict[str, torch.Tensor] = {"attention": alpha}
         if need_values:
@@ -365,7 +367,9 @@ def pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, q: np.ndarr
         q = q.reshape(1) if spec.kind == "embedding" else q.reshape(1, -1)
     keys = gather_rows(bundle, layer, "keys", patterns)
     values = gather_rows(bundle, layer, "values", patterns)
-    return exact_scores(spec, keys, values, q, g, focus)
+    bs = bundle.bias_scale(layer)
+    bias_term = bs[gather_rows(bundle, layer, "step", patterns)] if bs is not None else None
+    return exact_scores(spec, keys, values, q, g, focus, bias_term)
 
 
 def item_pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, qrows: QueryRows, j: int) -> dict[str, np.ndarray]:

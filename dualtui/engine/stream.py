@@ -55,6 +55,14 @@ class Block:
         return next(iter(self.tensors.values())).shape[0]
 
 
+def compute_dtype(bundle: Bundle, layer: str) -> torch.dtype:
+    """The dtype a layer's scores are computed in: float64 for float64 storage, else float32."""
+    spec = bundle.layer_spec(layer)
+    if spec.patterns and bundle.storage_dtype(layer) == "F64":
+        return torch.float64
+    return torch.float64 if bundle.info(f"layer/{layer}/weight").dtype == "F64" else torch.float32
+
+
 def block_rows(bundle: Bundle, layer: str, queries: int = 1) -> int:
     spec = bundle.layer_spec(layer)
     width = max(spec.in_features if spec.kind == "linear" else 1, spec.out_features, queries, 1)
@@ -76,7 +84,8 @@ def _host_blocks(bundle: Bundle, layer: str, fields: Sequence[str], rows: int) -
 
 def stream_blocks(bundle: Bundle, layer: str, fields: Sequence[str], device: torch.device,
                   rows: int | None = None) -> Iterator[Block]:
-    """Yield blocks of the requested per-pattern fields on `device` (floats as float32)."""
+    """Yield blocks of the requested per-pattern fields on `device` (floats as float32; float64
+    storage stays float64)."""
     rows = rows or block_rows(bundle, layer)
     host = _host_blocks(bundle, layer, fields, rows)
     if device.type != "cuda":
@@ -88,7 +97,7 @@ def stream_blocks(bundle: Bundle, layer: str, fields: Sequence[str], device: tor
         for start, ts in host:
             out = {}
             for f, t in ts.items():
-                if t.is_floating_point() and t.dtype != torch.float32:
+                if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
                     buf = buffers.get(f)
                     if buf is None or buf.shape[0] < t.shape[0]:
                         buf = buffers[f] = torch.empty((max(rows, t.shape[0]),) + tuple(t.shape[1:]), dtype=torch.float32)
@@ -157,7 +166,8 @@ def overlapped_blocks(host: Iterator[tuple[int, dict[str, torch.Tensor]]], trans
         slot ^= 1
         pending = launch(nxt, slot) if nxt is not None else None  # overlaps with the caller's compute
         transfer.compute_waits(event, list(ts.values()))
-        yield Block(start, {f: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for f, t in ts.items()})
+        yield Block(start, {f: (t.float() if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) else t)
+                            for f, t in ts.items()})
 
 
 def _cuda_blocks(host: Iterator[tuple[int, dict[str, torch.Tensor]]], device: torch.device) -> Iterator[Block]:
@@ -177,7 +187,9 @@ def gather_rows(bundle: Bundle, layer: str, field: str, indices: np.ndarray) -> 
         rows = bundle.raw(names[c])[indices[sel] - start]
         info = bundle.info(names[c])
         rows = _torch_view(np.ascontiguousarray(rows), info.dtype)
-        rows = rows.float().numpy() if rows.is_floating_point() else rows.numpy()
+        if rows.is_floating_point() and rows.dtype != torch.float64:
+            rows = rows.float()
+        rows = rows.numpy()
         if out is None:
             out = np.zeros((len(indices),) + rows.shape[1:], dtype=rows.dtype)
         out[sel] = rows

@@ -8,11 +8,15 @@ import numpy as np
 
 from ..bundle.reader import Bundle
 
-# Format v1's tolerance for float32 storage: max abs error <= 1e-4 * max(1, max|weight|).
+# The format's tolerance (docs/format.md section 7): max abs error <= 1e-4 * max(1, max|weight|)
+# for float32 storage, 1e-10 * max(1, max|weight|) for float64 storage.
 F32_RELATIVE_TOLERANCE = 1e-4
-# Unit roundoff (half the machine epsilon) and smallest subnormal of each storage dtype.
-_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
-_SUBNORMAL = {"F32": 2.0**-149, "F16": 2.0**-24, "BF16": 2.0**-133}
+F64_RELATIVE_TOLERANCE = 1e-10
+# Unit roundoff (half the machine epsilon) and smallest subnormal of each dtype.
+_ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
+_SUBNORMAL = {"F64": 2.0**-1074, "F32": 2.0**-149, "F16": 2.0**-24, "BF16": 2.0**-133}
+# training.compute_dtype (mixed precision: what autograd computed the gradients in)
+_COMPUTE = {"float16": "F16", "bfloat16": "BF16"}
 
 
 @dataclass
@@ -67,8 +71,10 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
     if not emb and queries.shape[0]:
         q = queries.astype(np.float64)
         dual_out = np.zeros((q.shape[0], spec.out_features))
+    bias_scale = bundle.bias_scale(layer)  # the bias's own chain, when it has one
     for chunk in bundle.chunks(layer, rows):
         v = chunk.values.astype(np.float64)
+        bias_term = bias_scale[chunk.step] if bias_scale is not None else np.ones(len(v))
         if emb:
             np.add.at(learned, chunk.keys, v)
             np.add.at(magnitude, chunk.keys, np.abs(v))
@@ -79,14 +85,14 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
             magnitude += np.abs(v).T @ np.abs(k)
             abs_key_sum += np.abs(k).sum(axis=0)
             if spec.bias:
-                bias_sum += v.sum(axis=0)
+                bias_sum += bias_term @ v
             if dual_out is not None:
                 # Σ_t α_t v_t over the chunk, in blocks of query rows so that α stays ~64 MB.
                 step = max(1, (8 << 20) // max(k.shape[0], 1))
                 for lo in range(0, q.shape[0], step):
                     alpha = k @ q[lo : lo + step].T  # [n, rows]
                     if spec.bias:
-                        alpha += 1.0
+                        alpha += bias_term[:, None]
                     dual_out[lo : lo + step] += alpha.T @ v
     reconstructed = w0 + learned
     weight_err = float(np.abs(weight - reconstructed).max(initial=0.0))
@@ -106,16 +112,20 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
             dual += b0
         out_err = float(np.abs(primal - dual).max(initial=0.0))
 
-    storage = bundle.storage_dtype(layer) if spec.patterns else "F32"
+    storage = bundle.storage_dtype(layer) if spec.patterns else bundle.info(f"layer/{layer}/weight").dtype
     scale = max(1.0, float(np.abs(weight).max(initial=0.0)))
-    tolerance = F32_RELATIVE_TOLERANCE * scale
+    tolerance = (F64_RELATIVE_TOLERANCE if storage == "F64" else F32_RELATIVE_TOLERANCE) * scale
     # Rounding keys and values to the storage dtype moves each product by at most
-    # ~2u|v||k| (+ underflow of tiny values): the honest allowance for float16/bfloat16.
+    # ~2u|v||k| (+ underflow of tiny values): the honest allowance for float16/bfloat16. Under
+    # mixed precision each step's gradient was itself rounded by a half-precision matmul:
+    # at most u|Σ v kᵀ| <= u Σ|v||k| more.
     rounding = 0.0
-    if storage != "F32":
-        u = _ROUNDOFF[storage]
+    compute = _COMPUTE.get(str(bundle.manifest.training.get("compute_dtype")))
+    if storage not in ("F32", "F64") or compute:
+        u = (_ROUNDOFF[storage] if storage not in ("F32", "F64") else 0.0) + (_ROUNDOFF[compute] if compute else 0.0)
+        sub = max(_SUBNORMAL[storage], _SUBNORMAL[compute] if compute else 0.0)
         keys_scale = abs_key_sum[:, None] if emb else abs_key_sum[None, :]
-        rounding = float((2.05 * u * magnitude + _SUBNORMAL[storage] * keys_scale).max(initial=0.0))
+        rounding = float((2.05 * u * magnitude + sub * keys_scale).max(initial=0.0))
         tolerance += rounding
     # Outputs are compared at the scale of the outputs themselves.
     out_tol = tolerance

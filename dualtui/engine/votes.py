@@ -11,7 +11,7 @@ import torch
 from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
 from .queryrows import ItemQueries
-from .stream import block_rows, pick_device, stream_blocks
+from .stream import block_rows, compute_dtype, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens
 
 
@@ -52,7 +52,9 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
     label_of = torch.from_numpy(bundle.array("train/label").astype(np.int64)).to(dev)
     # Text runs: a pattern votes for the token it was trained to predict (the token after its position).
     next_token = NextTokens(bundle, dev) if labels_are_tokens(bundle) and bundle.has_position(layer) else None
-    fields = ("keys", "example") + (("position",) if next_token is not None else ())
+    bias_scale = bundle.bias_scale(layer)
+    bias_table = torch.from_numpy(bias_scale).to(dev) if bias_scale is not None else None
+    fields = ("keys", "example") + (("position",) if next_token is not None else ()) + (("step",) if bias_table is not None else ())
     M = qs.size
     # Votes need each item's focus row only (all rows where the focus is a mean over them).
     per = max(1, int(query_batch / max(1.0, qs.rows_per_item(layer) if _needs_all_rows(qs, layer) else 1.0)))
@@ -62,10 +64,11 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
         rows = qs.rows(layer, items)
         if bool((rows.focus >= 0).all()):
             rows = _focus_only(rows)
-        iq = ItemQueries.build(rows, spec, dev)
+        iq = ItemQueries.build(rows, spec, dev, compute_dtype(bundle, layer))
         acc = torch.zeros(n_classes, len(items), dtype=torch.float64, device=dev)
         for block in stream_blocks(bundle, layer, fields, dev, block_rows(bundle, layer, max(len(rows), len(items)))):
-            a = iq.attention(iq.row_alpha(block.tensors["keys"])).abs().double()
+            bt = bias_table[block.tensors["step"]] if bias_table is not None else None
+            a = iq.attention(iq.row_alpha(block.tensors["keys"], bt)).abs().double()
             ex = block.tensors["example"]
             acc.index_add_(0, label_of[ex] if next_token is None else next_token(ex, block.tensors["position"]), a)
         class_abs[:, lo : lo + len(items)] = acc.cpu().numpy()

@@ -67,12 +67,16 @@ def measure_scales(adapter: Adapter, probe: torch.Tensor, pending: list[PendingS
     mag = torch.linalg.vector_norm(magnitude, dim=(1, 2))
     scale, residual, aa, rr, mag = (t.cpu().numpy() for t in (scale, residual, aa, rr, mag))
     eps = torch.finfo(w.dtype).eps
+    # Mixed precision: each step's gradient came out of a half-precision matmul, rounded
+    # elementwise by its unit roundoff: allow that much on top of the parameter dtype's noise.
+    low = [c.grad_dtype for c in calls if c.grad_dtype in (torch.float16, torch.bfloat16)]
+    half_u = max((torch.finfo(d).eps / 2 for d in low), default=0.0)
     for i, p in enumerate(pending):
         problem = None
         if rr[i] == 0.0 and aa[i] ** 0.5 > 1e3 * eps * mag[i]:
             problem = (f"layer {name!r} has a gradient at step {p.step} but no recorded forward pass produced it "
                        "(was it run under a different module, or outside `recorder.batch`?)")
-        elif residual[i] > 1e3 * eps * max(aa[i] ** 0.5, abs(scale[i]) * mag[i]) + 1e-300:
+        elif residual[i] > (1e3 * eps + 8 * half_u) * max(aa[i] ** 0.5, abs(scale[i]) * mag[i]) + 1e-300:
             problem = (f"layer {name!r} step {p.step}: the gradient is not a scalar multiple of the recorded "
                        f"patterns (relative residual {residual[i] / aa[i] ** 0.5:.1e}); per-coordinate gradient changes "
                        "(clip_grad_value_, masking) or gradients from unrecorded uses of the layer break the dual form")

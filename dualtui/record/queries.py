@@ -20,6 +20,7 @@ from torch import nn
 
 from ..bundle.manifest import QuerySetSpec, bad_query_set_name
 from .attribution import find_output
+from .adapters.base import autograd_input
 from .errors import RecorderError
 from .layout import AmbiguousLayout, LayoutError, resolve_output
 
@@ -286,8 +287,9 @@ def record_query_set(
                 layer = rec.layers[n]
                 g = torch.zeros_like(out) if g is None else g
                 r = got[n]
-                r.query.append(layer.adapter.keys(q).detach().cpu())
-                r.grad.append(g.detach().reshape(-1, layer.spec.out_features).cpu())
+                r.query.append(layer.adapter.keys(autograd_input(q, layer.adapter)).detach().cpu())
+                g = g.detach().reshape(-1, layer.spec.out_features)
+                r.grad.append((g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).cpu())
                 r.item.append(lo + rowmap.examples())
                 r.position.append(rowmap.positions())
                 r.call.append(torch.full((rowmap.rows,), k, dtype=torch.long))
@@ -321,7 +323,7 @@ def record_query_set(
             item = torch.cat(r.item)
             order = torch.argsort(item, stable=True)
             q = torch.cat(r.query)[order]
-            g = torch.cat(r.grad)[order].float()
+            g = torch.cat(r.grad)[order]
             item = item[order]
             pos = torch.cat(r.position)[order]
             call = torch.cat(r.call)[order]
@@ -345,8 +347,10 @@ def record_query_set(
             sel = torch.from_numpy(np.nonzero(keep)[0])
             q, g = q[sel], g[sel]
             item_np, pos_np, call_np = item_np[keep], pos_np[keep], call_np[keep]
-        static[f"{P}/layer/{n}/query"] = q.long().numpy() if emb else q.float().numpy()
-        static[f"{P}/layer/{n}/grad"] = g.numpy()
+        f64 = rec.storage_dtype == "float64"
+        real = (lambda t: t.double()) if f64 else (lambda t: t.float())  # noqa: E731
+        static[f"{P}/layer/{n}/query"] = q.long().numpy() if emb else real(q).numpy()
+        static[f"{P}/layer/{n}/grad"] = real(g).numpy()
         static[f"{P}/layer/{n}/item"] = item_np.astype(np.int64)
         static[f"{P}/layer/{n}/position"] = pos_np.astype(np.int64)
         static[f"{P}/layer/{n}/call"] = call_np.astype(np.int64)

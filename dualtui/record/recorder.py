@@ -35,6 +35,7 @@ from torch import nn
 from ..bundle.manifest import INPUT_KINDS, LayerSpec, Manifest, QuerySetSpec, bad_layer_name
 from ..bundle.writer import STORAGE_DTYPES, BundleWriter
 from .adapters import Adapter, AdapterError, adapter_class, recordable_kinds
+from .adapters.base import autograd_input
 from .attribution import AttributionCheck, make_schedule
 from .coefficients import StepRecord, sgd_coefficients
 from .errors import RecorderError
@@ -92,6 +93,8 @@ class _Call:
     def add_grad(self, g: torch.Tensor) -> None:
         self.grad_dtype = g.dtype
         g = g.detach().reshape(-1, self.out_features)
+        if g.dtype in (torch.float16, torch.bfloat16):  # mixed precision: exact in float32
+            g = g.float()
         self.grad = g if self.grad is None else self.grad + g
 
     def example_ids(self) -> torch.Tensor:
@@ -125,6 +128,9 @@ class _Layer:
     bias_group: dict | None = None  # the bias's group when it is a different one
     calls: list[_Call] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)  # one per optimizer step, by step index
+    # The bias's own chain: its param group (weight decay 0 in the usual no-decay grouping), or
+    # a bias without gradient, gives it other per-step coefficients than the weight's.
+    bias_steps: list[StepRecord] = field(default_factory=list)
     pending: list[PendingStep] = field(default_factory=list)  # applied steps not yet spooled
     pending_bytes: int = 0
     probe: torch.Tensor | None = None  # fixed random directions for the gradient-scale check
@@ -194,7 +200,7 @@ class Recorder:
         path: str | Path,
         *,
         layers: Sequence[str] | None = None,
-        storage_dtype: str = "float32",
+        storage_dtype: str | None = None,
         tasks: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
         input: dict | None = None,
@@ -220,6 +226,8 @@ class Recorder:
                 f"{REFUSED_OPTIMIZERS} rescale each weight coordinate separately, so an update is no longer "
                 f"an outer product of a key and a value"
             )
+        if storage_dtype is None:  # a float64 model is stored in float64, so verify reaches ~1e-12
+            storage_dtype = "float64" if any(p.dtype == torch.float64 for p in model.parameters()) else "float32"
         if storage_dtype not in STORAGE_DTYPES:
             raise RecorderError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
         self.model = model
@@ -266,6 +274,8 @@ class Recorder:
         self._in_step = False
         self._pending_interrupt = False
         self._recording = True
+        self._compute_dtype: str | None = None  # torch.autocast's dtype, once a recorded layer ran under it
+        self.skipped_steps = 0  # optimizer steps that never happened (GradScaler found inf/NaN)
 
         self.layers = self._select_layers(layers)
         self.writer = BundleWriter(path, storage_dtype=storage_dtype, chunk_bytes=chunk_bytes, max_shard_bytes=max_shard_bytes)
@@ -277,6 +287,11 @@ class Recorder:
         self._arm_check()
         self._pre = optimizer.register_step_pre_hook(self._before_step)
         self._post = optimizer.register_step_post_hook(self._after_step)
+        # A step GradScaler skips (inf/NaN gradients) runs neither hook: its calls would leak into
+        # the next step. zero_grad() is where a training loop says "this step is over".
+        self._zero_grad_owners = [optimizer, model]
+        for owner in self._zero_grad_owners:
+            owner.zero_grad = self._make_zero_grad(owner.zero_grad)
         self._old_sigint = None
         if threading.current_thread() is threading.main_thread():
             # Ctrl-C inside optimizer.step() would leave weights half-updated; defer it to after the step.
@@ -365,6 +380,11 @@ class Recorder:
             except AdapterError as e:
                 raise RecorderError(str(e)) from None
             params = adapter.params
+            half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+            if half:
+                raise RecorderError(f"layer {name!r} has {half[0].dtype} parameters: SGD then rounds the weights themselves "
+                                    "at every step, which no dual form reproduces; keep float32 parameters and compute "
+                                    "in half precision with torch.autocast")
             groups = []
             for p in params:
                 if id(p) in seen:
@@ -376,10 +396,6 @@ class Recorder:
                 if self.optimizer.state.get(p):
                     raise RecorderError(f"layer {name!r}: the optimizer already has state (momentum); attach the Recorder before the first step")
                 groups.append(g)
-            if len(groups) == 2 and _hyper(groups[0]) != _hyper(groups[1]):
-                raise RecorderError(
-                    f"layer {name!r}: weight and bias use different optimizer settings; the dual form needs one value per pattern"
-                )
             spec = adapter.spec
             w0 = params[0].detach().to("cpu", copy=True)
             b0 = params[1].detach().to("cpu", copy=True) if spec.bias else None
@@ -387,6 +403,24 @@ class Recorder:
             out[name] = _Layer(name, adapter, spec, w0, b0, group=groups[0], bias_group=bias_group,
                                rule=declared_rule(name, self.layouts))
         return out
+
+    def _make_zero_grad(self, original: Callable) -> Callable:
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            self._drop_unapplied()
+            return original(*args, **kwargs)
+
+        return zero_grad
+
+    def _drop_unapplied(self) -> None:
+        """Forget the calls whose gradients no optimizer step applied (a skipped step)."""
+        dropped = False
+        for layer in self.layers.values():
+            if any(c.grad is not None for c in layer.calls):
+                dropped = True
+            # A forward whose backward is still to come (zero_grad between the two) stays.
+            layer.calls = [c for c in layer.calls if c.grad is None]
+        if dropped:
+            self.skipped_steps += 1
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._in_step:
@@ -504,7 +538,10 @@ class Recorder:
             if isinstance(entry, RecorderError):
                 raise entry
             rowmap, ids = entry[0], entry[1]
-            keys = layer.adapter.keys(inputs[0].detach())
+            x = inputs[0]
+            if layer.adapter.autocast and self._compute_dtype is None and torch.is_autocast_enabled(x.device.type):
+                self._compute_dtype = str(torch.get_autocast_dtype(x.device.type)).replace("torch.", "")
+            keys = layer.adapter.keys(autograd_input(x.detach(), layer.adapter))
             call = _Call(keys, rowmap, ids, out_features, self.check)
             if len(entry) > 2:
                 call.candidates, call.ambiguity = entry[2], entry[3]
@@ -551,14 +588,15 @@ class Recorder:
         hypers: dict[int, tuple] = {}  # per param group, read once per step
         for layer in self.layers.values():
             hyper = hypers.get(id(layer.group)) or hypers.setdefault(id(layer.group), _hyper(layer.group))
-            if layer.bias_group is not None and _hyper(layer.bias_group) != hyper:
-                raise RecorderError(
-                    f"layer {layer.name!r} step {self.step_count}: weight and bias use different optimizer settings "
-                    "(e.g. a scheduler drove their groups apart); the dual form needs one value per pattern"
-                )
+            bgroup = layer.bias_group if layer.bias_group is not None else layer.group
+            bias_hyper = hypers.get(id(bgroup)) or hypers.setdefault(id(bgroup), _hyper(bgroup))
             lr, mu, damp, nest, wd, maxim = hyper
             active = layer.params[0].grad is not None
             layer.calls = [c for c in layer.calls if c.grad is not None]  # forwards without backward add nothing
+            if active and not all(bool(torch.isfinite(c.grad).all()) for c in layer.calls):
+                raise RecorderError(f"layer {layer.name!r} step {self.step_count}: the optimizer is about to apply a "
+                                    "non-finite gradient (inf/NaN); with mixed precision use torch.amp.GradScaler, "
+                                    "which skips such steps")
             if self.check.enabled:
                 failure = self.check.compare(layer.name, layer.calls, _Call.example_ids)
                 if failure:
@@ -575,9 +613,16 @@ class Recorder:
                 layer.probe = make_probe(layer.adapter, layer.params[0])
             actual = layer.adapter.project_grad(layer.probe) if active else None
             record = StepRecord(lr, mu, damp, nest, wd, maxim, active, 1.0)
+            bias_record = None
+            if layer.spec.bias:
+                if lr == 0.0 and bias_hyper[0] != 0.0 and active:
+                    raise RecorderError(f"layer {layer.name!r} step {self.step_count}: the weight's learning rate is 0 while "
+                                        "its bias trains; record the layer with its weight trained, or leave it out")
+                bias = layer.params[1]
+                bias_record = StepRecord(*bias_hyper, active and bias.grad is not None, 1.0)
             if active and self.step_count < EAGER_STEPS:
                 measure_scales(layer.adapter, layer.probe, [PendingStep(self.step_count, layer.calls, actual)])  # raises before the update
-            records.append((record, actual))
+            records.append((record, actual, bias_record))
         self.check.step_done(self.step_count)
         # Appended in the post-hook, once the step has really happened.
         self._pending_records = records
@@ -585,8 +630,10 @@ class Recorder:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         flush = False
-        for layer, (record, actual) in zip(self.layers.values(), self._pending_records):
+        for layer, (record, actual, bias_record) in zip(self.layers.values(), self._pending_records):
             layer.steps.append(record)
+            if bias_record is not None:
+                layer.bias_steps.append(bias_record)
             calls, layer.calls = layer.calls, []
             if record.active:
                 layer.pending.append(PendingStep(self.step_count, calls, actual))
@@ -622,6 +669,8 @@ class Recorder:
                 first_failure = first_failure or failures[0]
             for p, sc in zip(pending, scales):
                 layer.steps[p.step] = dataclasses.replace(layer.steps[p.step], scale=float(sc))
+                if layer.bias_steps:  # clipping and loss scaling rescale the bias's gradient alike
+                    layer.bias_steps[p.step] = dataclasses.replace(layer.bias_steps[p.step], scale=float(sc))
             calls = [c for p in pending for c in p.calls]
             if not calls:
                 continue
@@ -705,10 +754,33 @@ class Recorder:
         raw = cat("values", (lay.spec.out_features,))
         out["values"] = raw * C[out["step"]][:, None] if len(raw) else raw
         if lay.b_init is not None:
-            out["b0"] = a * lay.b_init.numpy()
+            a_b, ratio = self._bias_chain(lay, C)
+            out["b0"] = (a if a_b is None else a_b) * lay.b_init.numpy()
+            # b_T = b0 + Σ_t bias_values_t (values scaled by the bias's own chain)
+            out["bias_values"] = out["values"] * ratio[out["step"]][:, None] if ratio is not None and len(raw) else out["values"]
         return out
 
     # ------------------------------------------------------------------ finishing
+    def _bias_chain(self, lay: _Layer, C: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+        """The bias's initial factor and, when its chain differs from the weight's, the per-step
+        ratio of its coefficient to the weight's (docs/format.md: layer/<L>/bias_scale): then
+        b_T = b0 + Σ_t bias_scale[step_t] v_t, and a pattern's attention is k·q + bias_scale."""
+        if not lay.spec.bias or not lay.bias_steps:
+            return None, None
+        a_b, C_b = sgd_coefficients(lay.bias_steps)
+        if np.array_equal(C_b, C):
+            return a_b, None
+        ratio = np.ones(len(C), dtype=np.float64)
+        nz = C != 0
+        ratio[nz] = C_b[nz] / C[nz]
+        stuck = ~nz & (C_b != 0)
+        if stuck.any():  # cannot happen with a trained weight; say so rather than hide it
+            self.check_failures.append(f"layer {lay.name!r}: the bias moved at steps where the weight did not "
+                                       f"(first: step {int(np.nonzero(stuck)[0][0])}); its dual form is incomplete")
+            ratio[stuck] = 0.0
+        ratio[~nz & (C_b == 0)] = 0.0
+        return a_b, ratio
+
     def _train_tables(self) -> dict[str, np.ndarray]:
         n = 0
         for t in (self._train_labels, self._train_tasks):
@@ -761,7 +833,19 @@ class Recorder:
             "clip_norm": self.clip_norm,
             "gradient_scaled": clipped,  # some steps' gradients were rescaled (clipping / accumulation)
             "param_groups": len(self.optimizer.param_groups),
+            # every group's settings (the keys above are group 0's), and which parameters it holds
+            "groups": [self._group_json(g) for g in self.optimizer.param_groups],
         }
+
+    def _group_json(self, g: dict) -> dict:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out = {k: (bool(g.get(k, False)) if k in ("nesterov", "maximize") else float(g.get(k, 0))) for k in _HYPER}
+        out["lr"] = float(g.get("initial_lr", g["lr"]))
+        out["lr_final"] = float(g["lr"])
+        params = [names.get(id(p), "(not in the model)") for p in g["params"]]
+        out["parameters"] = len(params)
+        out["names"] = params if len(params) <= 64 else params[:64] + [f"… {len(params) - 64} more"]
+        return out
 
     def close(self) -> Path | None:
         """Write the bundle (atomically) and detach every hook. Returns the path to open."""
@@ -773,8 +857,12 @@ class Recorder:
         static: dict[str, np.ndarray] = {}
         specs = []
         for lay in self.layers.values():
-            a, _ = self.coefficients(lay.name)
-            static.update(lay.adapter.static(a, lay.w_init, lay.b_init))
+            a, C = self.coefficients(lay.name)
+            a_b, ratio = self._bias_chain(lay, C)
+            static.update(lay.adapter.static(a, lay.w_init, lay.b_init, self.storage_dtype == "float64", a_bias=a_b))
+            if ratio is not None:
+                static[f"layer/{lay.name}/bias_scale"] = ratio
+                lay.spec.extra["bias_scale"] = True
             if lay.rule_used:
                 lay.spec.extra["rows"] = lay.rule_used
             specs.append(lay.spec)
@@ -793,6 +881,10 @@ class Recorder:
             training["interrupted"] = self.interrupted
         if self.check_failures:
             training["check_failures"] = self.check_failures
+        if self._compute_dtype:
+            training["compute_dtype"] = self._compute_dtype  # verify allows its matmul rounding
+        if self.skipped_steps:
+            training["skipped_steps"] = self.skipped_steps
         extra = {"not_covered": self._not_covered(), **self.extra}
         manifest = Manifest(layers=specs, tasks=tasks, classes=classes, input=self.input,
                             optimizer=self._optimizer_json(), training=training, extra=extra,
@@ -823,6 +915,9 @@ class Recorder:
         self._root_handles = []
         self._pre.remove()
         self._post.remove()
+        for owner in self._zero_grad_owners:
+            owner.__dict__.pop("zero_grad", None)
+        self._zero_grad_owners = []
         if self._old_sigint is not None:
             signal.signal(signal.SIGINT, self._old_sigint)
             self._old_sigint = None

@@ -26,6 +26,7 @@ class Adapter:
 
     kind: ClassVar[str]
     describes: ClassVar[str]  # e.g. "nn.Linear", for messages
+    autocast: ClassVar[bool] = False  # torch.autocast runs it in the low-precision dtype (matmul-like)
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -89,16 +90,33 @@ class Adapter:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- the bundle
-    def static(self, a: float, w_init: torch.Tensor, b_init: torch.Tensor | None) -> dict[str, np.ndarray]:
-        """weight, w0 (= a·W_0), bias, b0 of the layer, as float32 arrays."""
+    def static(self, a: float, w_init: torch.Tensor, b_init: torch.Tensor | None, f64: bool = False,
+               a_bias: float | None = None) -> dict[str, np.ndarray]:
+        """weight, w0 (= a·W_0), bias, b0 (= a_bias·b_0; a_bias defaults to a) of the layer, as
+        float32 arrays (float64 with f64)."""
         L = self.name
         m = self.module
-        out = {f"layer/{L}/weight": m.weight.detach().cpu().float().numpy(),
-               f"layer/{L}/w0": (a * w_init.double()).float().numpy()}
+        cast = (lambda t: t.double()) if f64 else (lambda t: t.float())  # noqa: E731
+        out = {f"layer/{L}/weight": cast(m.weight.detach().cpu()).numpy(),
+               f"layer/{L}/w0": cast(a * w_init.double()).numpy()}
         if self.spec.bias:
-            out[f"layer/{L}/bias"] = m.bias.detach().cpu().float().numpy()
-            out[f"layer/{L}/b0"] = (a * b_init.double()).float().numpy()
+            out[f"layer/{L}/bias"] = cast(m.bias.detach().cpu()).numpy()
+            out[f"layer/{L}/b0"] = cast((a if a_bias is None else a_bias) * b_init.double()).numpy()
         return out
 
     def empty_queries(self) -> np.ndarray:
         return np.zeros((0,), dtype=np.int64) if self.feature is None else np.zeros((0, self.spec.in_features), dtype=np.float32)
+
+
+def autograd_input(x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """The input the way autograd used it: under torch.autocast a matmul-like layer computes in
+    the autocast dtype, so its key is the input rounded to it (kept as float32: exact)."""
+    if adapter.autocast and x.is_floating_point():
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            low = torch.get_autocast_dtype(device)
+            if x.dtype != low:
+                x = x.to(low)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return x

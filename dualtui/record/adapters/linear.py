@@ -12,6 +12,7 @@ from .base import Adapter
 class LinearAdapter(Adapter):
     kind = "linear"
     describes = "nn.Linear"
+    autocast = True
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
