@@ -212,6 +212,9 @@ def info(
 
 def _attribution_line(a: dict) -> str:
     """One line saying whether the recorder proved each pattern's example id."""
+    if a.get("failed"):
+        return (f"attribution: FAILED at {a['failed']}; the recording stopped there, and the patterns credited "
+                "before it may be wrong too")
     if not a.get("checked"):
         return f"attribution: not checked ({a.get('reason', 'no reason recorded')})"
     steps = a.get("steps", [])
@@ -254,7 +257,7 @@ def verify(
         if any(c.rounding_bound for c in report.layers):
             out.print("tolerance includes the rounding bound of float16/bfloat16 storage (2u·Σ|v||k|)")
         nc = report.not_covered
-        if not report.ok:
+        if not all(c.ok for c in report.layers):
             out.print("[red]primal != dual: see FAIL rows[/]")
         elif nc:
             from rich.text import Text

@@ -431,3 +431,48 @@ def test_hugging_face_bert_from_a_config(tmp_path) -> None:
                        (P + "encoder.layer.0.output.dense", 6), (P + "pooler.dense", 1), ("bert.classifier", 1)):
         pads = n_pad if layer.endswith("word_embeddings") else 0
         assert check_layer(run, layer, sel, sel_y, loss, rtol=1e-5) == 3 * 4 * per - pads, layer
+
+
+def test_a_batch_reordered_inside_forward_between_checks_is_caught(tmp_path) -> None:
+    """Found by the new-user audit: a model that sorts its batch inside forward (as packed-RNN
+    code does) and unsorts afterwards, at steps the powers-of-two schedule skips. The default
+    schedule also checks one step in 64 more (drawn by a fixed hash of the step; here step 34),
+    so a recurring reorder stops the run, and the partial bundle fails verify."""
+    from typer.testing import CliRunner
+
+    from dualtui.cli import app
+
+    class Sorting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 3)
+            self.step = 0
+
+        def forward(self, x):
+            powers = self.step < 3 or (self.step & (self.step - 1)) == 0
+            order = torch.arange(len(x)) if powers else torch.argsort(x[:, 0], descending=True)
+            h = torch.relu(self.fc(x[order]))[torch.argsort(order)]  # the hidden layer sees the sorted batch
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Sorting()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(9)
+    X, Y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    path = tmp_path / "sorted.safetensors"
+    with pytest.raises(RecorderError, match="attribution check failed at layer 'fc', step 34"):
+        with Recorder(model, opt, path) as rec:
+            for s in range(60):
+                model.step = s
+                ids = torch.randperm(16, generator=g)[:4]
+                with rec.batch(example=ids):
+                    ce_sum(model(X[ids]), Y[ids]).backward()
+                opt.step()
+                opt.zero_grad()
+    b = Bundle.open(path)
+    assert b.manifest.training["steps"] == 34  # every step before the failed one is kept ...
+    assert b.manifest.attribution["failed"].startswith("step 34, layer 'fc'")
+    assert not verify_bundle(b).ok  # ... but the bundle does not pass as proven
+    r = CliRunner().invoke(app, ["verify", str(path)])
+    assert r.exit_code == 1 and "attribution: FAILED at step 34" in r.stdout

@@ -44,7 +44,8 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return all(layer.ok for layer in self.layers)
+        """Every layer within tolerance, and no failed attribution check in the recording."""
+        return all(layer.ok for layer in self.layers) and not (self.attribution or {}).get("failed")
 
     def to_json(self) -> dict:
         return {"bundle": self.path, "ok": self.ok, "layers": [asdict(layer) for layer in self.layers],

@@ -144,8 +144,9 @@ def resolve(layer: str, lead: tuple[int, ...], batch: int, rule: str | None, fea
                 f"'batch-first'}}) if the rows are example-major (x.view(B*L, C)), 'sequence-first' if example-minor "
                 f"(x.view(L*B, C), or torch.cat of views along the batch), or give one example id per row with "
                 f"batch(example=...)", [RowMap("batch-first", B, n, n // B), RowMap("sequence-first", B, n, 1)])
-        raise LayoutError(f"{where}: {n} rows do not split over {B} examples; give one example id per row with "
-                          f"batch(example=...) or per layer with batch(rows={{{layer!r}: ids}})")
+        raise LayoutError(f"{where}: {n} rows do not split over {B} examples; if the input is shared by the whole "
+                          f"batch (torch.arange(L) positions, say), give it a batch axis of size 1 (x[None]) and it is "
+                          f"broadcast; otherwise give one example id per row with batch(rows={{{layer!r}: ids}})")
     s0, s1 = lead[0], lead[1]
     if s0 == B and s1 != B:
         return RowMap("batch-first", B, n, n // B)

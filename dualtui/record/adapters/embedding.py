@@ -56,7 +56,7 @@ class EmbeddingAdapter(Adapter):
         return self.module.num_embeddings
 
     def project_grad(self, probe: torch.Tensor) -> torch.Tensor:
-        return self.module.weight.grad @ probe  # [vocab, 2]
+        return self.weight_grad() @ probe  # [vocab, 2]
 
     def project_patterns(self, keys, grads, seg, steps, probe):
         p = probe.to(torch.float64)
