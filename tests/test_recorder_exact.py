@@ -504,19 +504,64 @@ def test_refuses_per_coordinate_optimizers(make: Any, tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir()), "a refused recorder left files behind"
 
 
-def test_refuses_tied_weights(tmp_path: Path) -> None:
+def test_tied_embedding_and_head_are_one_exact_matrix(tmp_path: Path) -> None:
+    """An nn.Embedding and a linear head sharing one weight (GPT-2's wte and lm_head): two kinds
+    of patterns, token rows and outer products, whose sum is the trained matrix."""
+
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.emb = nn.Embedding(6, 4)
-            self.head = nn.Linear(4, 6, bias=False)
+            self.head = nn.Linear(4, 6)
             self.head.weight = self.emb.weight
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.emb(x))
+            return self.head(torch.tanh(self.emb(x)))
 
-    model = Tied()
-    with pytest.raises(RecorderError, match="tied"):
+    torch.manual_seed(0)
+    model = Tied().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 6, (10, 3), generator=g), torch.randint(0, 6, (10, 3), generator=g)
+    path = tmp_path / "tied.safetensors"
+    with Recorder(model, opt, path) as rec:
+        for s in range(6):
+            ids = torch.randperm(10, generator=g)[:4]
+            with rec.batch(example=ids):
+                out = model(X[ids])
+                nn.functional.cross_entropy(out.reshape(-1, 6), Y[ids].reshape(-1)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+        e, h = rec.dual("emb"), rec.dual("head")
+        rec.record_test(X[:3], Y[:3, -1])
+    recon = e["w0"] + h["values"].T @ h["keys"]
+    np.add.at(recon, e["keys"], e["values"])
+    assert np.abs(recon - model.emb.weight.detach().numpy()).max() <= F64_TOL
+    b = Bundle.open(path)
+    assert b.manifest.layer("emb").extra["tied"] == b.manifest.layer("head").extra["tied"] == "emb.weight"
+    report = verify_bundle(b)
+    assert report.ok and max(c.weight_max_abs_error for c in report.layers) < 1e-12
+    assert b.manifest.extra["not_covered"] == []
+    for L in ("emb", "head"):  # the summary's learned term counts both uses: primal == dual at the queries
+        from dualtui.engine.spotlight import spotlights
+
+        assert spotlights(b, L, [0, 1, 2], device="cpu")[0].summary.primal_dual_error < 1e-9
+
+
+def test_refuses_other_shared_weights(tmp_path: Path) -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    model = Shared()
+    with pytest.raises(RecorderError, match="shares a parameter with 'a'"):
         Recorder(model, torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "r.safetensors")
 
 

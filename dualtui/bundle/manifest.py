@@ -13,7 +13,7 @@ FORMAT = "dualtui.bundle"
 VERSION = 2  # what writers write
 READ_VERSIONS = (1, 2)  # what readers read
 METADATA_KEY = "dualtui"
-LAYER_KINDS = ("linear", "embedding")
+LAYER_KINDS = ("linear", "embedding", "conv", "elementwise")
 INPUT_KINDS = ("image", "text", "vector")
 # Query-set names become parts of tensor names: no "/", nothing a shell or terminal mangles.
 QUERY_SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")

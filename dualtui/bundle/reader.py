@@ -268,7 +268,9 @@ class Bundle:
         for spec in m.layers:
             L, i, o = spec.name, spec.in_features, spec.out_features
             emb = spec.kind == "embedding"
-            wshape = (i, o) if emb else (o, i)
+            wshape = (i, o) if emb else ((o,) if spec.kind == "elementwise" else (o, i))
+            if spec.kind == "elementwise" and i != o:
+                raise errors.BadManifest(self.path, f"layer {L!r}: an elementwise layer has in_features == out_features")
             self._expect(f"layer/{L}/weight", wshape, EXACT_FLOATS)
             self._expect(f"layer/{L}/w0", wshape, EXACT_FLOATS)
             if spec.bias:

@@ -59,6 +59,8 @@ class ItemQueries:
     single: bool  # one row per item and focus == identity: the plain one-query case
     has_focus: torch.Tensor  # [M] bool
     count: torch.Tensor  # [M] float32 rows per item (for the mean)
+    elementwise: bool = False  # a norm's gain and bias: contributions v ⊙ (k ⊙ q + 1), not α v
+    qf: torch.Tensor | None = None  # [M, C] each item's focus query (the mean of its rows for −1)
 
     @classmethod
     def build(cls, rows: QueryRows, spec: LayerSpec, device: torch.device,
@@ -73,14 +75,22 @@ class ItemQueries:
         focus = torch.from_numpy(np.ascontiguousarray(rows.focus, dtype=np.int64)).to(device)
         single = len(rows.item) == M and bool(np.array_equal(rows.focus, np.arange(M))) and bool(np.array_equal(rows.item, np.arange(M)))
         count = torch.from_numpy(np.bincount(rows.item, minlength=M)).to(device=device, dtype=dtype)
-        return cls(M, emb, spec.bias, q, g, item, focus, single, focus >= 0, count)
+        iq = cls(M, emb, spec.bias, q, g, item, focus, single, focus >= 0, count)
+        if spec.kind == "elementwise":
+            iq.elementwise = True
+            mean = torch.zeros(M, q.shape[1], dtype=dtype, device=device).index_add_(0, item, q) / count.clamp(min=1.0)[:, None]
+            iq.qf = torch.where(iq.has_focus[:, None], q[focus.clamp(min=0)] if len(q) else mean, mean)
+        return iq
 
     def row_alpha(self, k: torch.Tensor, bias_term: torch.Tensor | None = None) -> torch.Tensor:
         """α_{t,r} for a block of keys: [n, R]. The bias is the weight of a constant input 1, or
-        of bias_term [n] (layer/<L>/bias_scale at each pattern's step) when it has its own chain."""
+        of bias_term [n] (layer/<L>/bias_scale at each pattern's step) when it has its own chain.
+        Elementwise layers: α = k·q, the similarity of the normalised rows (no bias term)."""
         if self.emb:
             return (k[:, None] == self.q[None, :]).to(self.g.dtype)
         a = k @ self.q.T
+        if self.elementwise:
+            return a
         if bias_term is not None:
             a += bias_term.to(a.dtype)[:, None]
         elif self.bias:
@@ -99,9 +109,36 @@ class ItemQueries:
             out = torch.where(self.has_focus[None, :], out, mean)
         return out
 
-    def effect(self, a_rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """[n, M]: Σ over each item's rows of α_{t,r} (v_t · g_r)."""
-        e_rows = a_rows * (v @ self.g.T)
+    def magnitude(self, alpha: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """[n, M]: the size of each pattern's contribution to the output at the focus row."""
+        if not self.elementwise:
+            return alpha.abs() * torch.linalg.vector_norm(v, dim=1)[:, None]
+        # ‖v ⊙ (k ⊙ q + b)‖² = Σ v²k² q² + 2b Σ v²k q + b Σ v²   (b = 1 with a bias)
+        b = 1.0 if self.bias else 0.0
+        v2 = v * v
+        sq = (v2 * k * k) @ (self.qf * self.qf).T
+        if b:
+            sq = sq + 2.0 * ((v2 * k) @ self.qf.T) + v2.sum(1)[:, None]
+        return sq.clamp(min=0).sqrt()
+
+    def learned(self, alpha: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """[M, out] float64: the block's part of Σ_t (contribution of t) at each item's focus row."""
+        if not self.elementwise:
+            return alpha.T.double() @ v.double()
+        out = self.qf.double() * (v * k).double().sum(0)[None, :]
+        if self.bias:
+            out = out + v.double().sum(0)[None, :]
+        return out
+
+    def effect(self, a_rows: torch.Tensor, v: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, M]: Σ over each item's rows of α_{t,r} (v_t · g_r); for an elementwise layer the
+        contribution's first-order effect Σ_r g_r · v_t ⊙ (k_t ⊙ q_r + b)."""
+        if self.elementwise:
+            e_rows = (v * k) @ (self.g * self.q).T
+            if self.bias:
+                e_rows = e_rows + v @ self.g.T
+        else:
+            e_rows = a_rows * (v @ self.g.T)
         if self.single:
             return e_rows
         return torch.zeros(e_rows.shape[0], self.M, dtype=e_rows.dtype, device=e_rows.device).index_add_(1, self.item, e_rows)
@@ -120,6 +157,9 @@ def exact_scores(spec: LayerSpec, keys: np.ndarray, values: np.ndarray, q: np.nd
     """float64 scores of a few patterns (keys, values) for one item's rows (q [r, ...], g [r, out]);
     bias_term [n]: each pattern's bias_scale (default 1 with a bias)."""
     values = values.astype(np.float64)
+    if spec.kind == "elementwise":
+        return _exact_elementwise(spec, keys.astype(np.float64), values, np.asarray(q, dtype=np.float64),
+                                  np.asarray(g, dtype=np.float64), focus)
     if spec.kind == "embedding":
         a_rows = (keys[:, None] == np.asarray(q)[None, :]).astype(np.float64)
     else:
@@ -138,12 +178,24 @@ def exact_scores(spec: LayerSpec, keys: np.ndarray, values: np.ndarray, q: np.nd
     return {"attention": alpha, "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1), "effect": effect}
 
 
+def _exact_elementwise(spec: LayerSpec, k: np.ndarray, v: np.ndarray, q: np.ndarray, g: np.ndarray, focus: int) -> dict:
+    b = 1.0 if spec.bias else 0.0
+    qf = q[focus] if focus >= 0 else (q.mean(axis=0) if len(q) else np.zeros(k.shape[1]))
+    contrib = v * (k * qf[None, :] + b)  # [n, C] at the focus row
+    effect = sum(((v * (k * q[r][None, :] + b)) @ g[r]) for r in range(len(q))) if len(q) else np.zeros(len(k))
+    return {"attention": k @ qf, "magnitude": np.linalg.norm(contrib, axis=1), "effect": np.asarray(effect, dtype=np.float64)}
+
+
 def focus_outputs(spec: LayerSpec, weight: np.ndarray, bias: np.ndarray | None, rows: QueryRows) -> np.ndarray:
     """[M, out] float64: the layer's output at each item's focus (mean over rows for −1), for
     a weight/bias pair (primal: trained; initial: w0, b0)."""
     M = len(rows.focus)
     if spec.kind == "embedding":
         per_row = weight[np.asarray(rows.query, dtype=np.int64)]
+    elif spec.kind == "elementwise":  # y = γ ⊙ x̂ + β
+        per_row = np.asarray(rows.query, dtype=np.float64) * weight[None, :]
+        if bias is not None:
+            per_row = per_row + bias
     else:
         per_row = np.asarray(rows.query, dtype=np.float64) @ weight.T
         if bias is not None:

@@ -22,6 +22,7 @@ from ..bundle.reader import Bundle
 from .queryrows import ItemQueries, exact_scores, focus_outputs, item_rows, refocus
 from .stream import block_rows, compute_dtype, gather_rows, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens, next_tokens, position_span
+from .tied import partner_learned
 from .topk import RunningTopK, top_of_dense
 
 SCORES = ("attention", "magnitude", "effect")
@@ -261,9 +262,9 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
         scores: dict[str, torch.Tensor] = {"attention": alpha}
         if need_values:
             v = block.tensors["values"]
-            scores["magnitude"] = alpha.abs() * torch.linalg.vector_norm(v, dim=1)[:, None]
-            scores["effect"] = iq.effect(a_rows, v)
-            learned += alpha.T.double() @ v.double()
+            scores["magnitude"] = iq.magnitude(alpha, v, k)
+            scores["effect"] = iq.effect(a_rows, v, k)
+            learned += iq.learned(alpha, v, k)
         for (b, r), acc in pattern_topk.items():
             acc.update(-scores[b] if r else scores[b], block.start)
         a64 = alpha.double()
@@ -333,6 +334,9 @@ def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], qrows:
     b0 = bundle.array(f"layer/{layer}/b0").astype(np.float64) if spec.bias else None
     primal = focus_outputs(spec, w, bias, qrows)
     initial = focus_outputs(spec, w0, b0, qrows)
+    tied = partner_learned(bundle, layer)
+    if tied is not None:  # the other use's patterns are part of what was learned here
+        learned = learned + focus_outputs(spec, tied[0], None, qrows)
     for j, res in enumerate(results):
         init_norm = float(np.linalg.norm(initial[j]))
         learn_norm = float(np.linalg.norm(learned[j]))

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..bundle.reader import Bundle
+from .tied import partner_learned
 
 # The format's tolerance (docs/format.md section 7): max abs error <= 1e-4 * max(1, max|weight|)
 # for float32 storage, 1e-10 * max(1, max|weight|) for float64 storage.
@@ -73,10 +74,20 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
         q = queries.astype(np.float64)
         dual_out = np.zeros((q.shape[0], spec.out_features))
     bias_scale = bundle.bias_scale(layer)  # the bias's own chain, when it has one
+    elementwise = spec.kind == "elementwise"
+    if elementwise:
+        dual_out = None  # y = γ ⊙ q + β: the outputs follow from the sums below
     for chunk in bundle.chunks(layer, rows):
         v = chunk.values.astype(np.float64)
         bias_term = bias_scale[chunk.step] if bias_scale is not None else np.ones(len(v))
-        if emb:
+        if elementwise:  # γ_T = γ_0 + Σ v ⊙ k,  β_T = β_0 + Σ v
+            k = chunk.keys.astype(np.float64)
+            learned += (v * k).sum(axis=0)
+            magnitude += np.abs(v * k).sum(axis=0)
+            abs_key_sum += np.abs(k).sum(axis=0)
+            if spec.bias:
+                bias_sum += bias_term @ v
+        elif emb:
             np.add.at(learned, chunk.keys, v)
             np.add.at(magnitude, chunk.keys, np.abs(v))
             np.add.at(abs_key_sum, chunk.keys, 1.0)
@@ -95,6 +106,12 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
                     if spec.bias:
                         alpha += bias_term[:, None]
                     dual_out[lo : lo + step] += alpha.T @ v
+    tied = partner_learned(bundle, layer)  # the other use of a tied weight updates it too
+    if tied is not None:
+        learned = learned + tied[0]
+        magnitude = magnitude + tied[1]
+        if dual_out is not None:
+            dual_out += q @ tied[0].T
     reconstructed = w0 + learned
     weight_err = float(np.abs(weight - reconstructed).max(initial=0.0))
     bias_err = None
@@ -103,7 +120,12 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
         b0 = bundle.array(f"layer/{layer}/b0").astype(np.float64)
         bias_err = float(np.abs(bias - (b0 + bias_sum)).max(initial=0.0))
     out_err = None
-    if emb and queries.shape[0]:
+    if elementwise and queries.shape[0]:
+        q = queries.astype(np.float64)
+        primal = q * weight + (bias if spec.bias else 0.0)
+        dual = q * (w0 + learned) + ((b0 + bias_sum) if spec.bias else 0.0)
+        out_err = float(np.abs(primal - dual).max(initial=0.0))
+    elif emb and queries.shape[0]:
         out_err = float(np.abs(weight[queries] - reconstructed[queries]).max(initial=0.0))
     elif dual_out is not None:
         primal = q @ weight.T
@@ -125,7 +147,7 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
     if storage not in ("F32", "F64") or compute:
         u = (_ROUNDOFF[storage] if storage not in ("F32", "F64") else 0.0) + (_ROUNDOFF[compute] if compute else 0.0)
         sub = max(_SUBNORMAL[storage], _SUBNORMAL[compute] if compute else 0.0)
-        keys_scale = abs_key_sum[:, None] if emb else abs_key_sum[None, :]
+        keys_scale = abs_key_sum[:, None] if emb else (abs_key_sum if elementwise else abs_key_sum[None, :])
         rounding = float((2.05 * u * magnitude + sub * keys_scale).max(initial=0.0))
         tolerance += rounding
     # Outputs are compared at the scale of the outputs themselves.

@@ -182,8 +182,8 @@ class AttributionCheck:
             if c.check_out is None:
                 continue
             g1, gc = next(it)
-            c.check_grads = (None if g1 is None else g1.detach().reshape(-1, c.out_features),
-                             None if gc is None else gc.detach().reshape(-1, c.out_features))
+            c.check_grads = (None if g1 is None else c.rows_of(g1.detach()),
+                             None if gc is None else c.rows_of(gc.detach()))
             c.check_step = fwd.step
             c.check_out = None  # no reference to the graph beyond this pass
 

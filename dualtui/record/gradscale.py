@@ -36,14 +36,9 @@ def make_probe(adapter: Adapter, like: torch.Tensor) -> torch.Tensor:
     return probe.to(device=like.device, dtype=like.dtype)
 
 
-def measure_scales(adapter: Adapter, probe: torch.Tensor, pending: list[PendingStep],
-                   failures: list[str] | None = None) -> np.ndarray:
-    """grad = scale·Σ g kᵀ per pending step. A step that is not such a multiple raises (or, with
-    `failures` given, is appended there and keeps its least-squares scale)."""
-    name = adapter.name
-    w = adapter.params[0]
+def _projected(adapter: Adapter, probe: torch.Tensor, pending: list[PendingStep], device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     S = len(pending)
-    rows = adapter.projected_rows
     counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
     calls = [c for p in pending for c in p.calls]
     if calls:
@@ -51,11 +46,28 @@ def measure_scales(adapter: Adapter, probe: torch.Tensor, pending: list[PendingS
         grads = torch.cat([c.grad for c in calls]).to(torch.float64)
         seg = torch.repeat_interleave(torch.arange(S, device=keys.device), torch.tensor(counts, device=keys.device))
         recorded, magnitude = adapter.project_patterns(keys, grads, seg, S, probe)
-    else:
-        recorded = torch.zeros(S, rows, 2, dtype=torch.float64, device=w.device)
-        magnitude = torch.zeros_like(recorded)
-    recorded = recorded.to(w.device)
-    magnitude = magnitude.to(w.device)
+        return recorded.to(device), magnitude.to(device)
+    zeros = torch.zeros(S, adapter.projected_rows, 2, dtype=torch.float64, device=device)
+    return zeros, zeros.clone()
+
+
+def measure_scales(adapter: Adapter, probe: torch.Tensor, pending: list[PendingStep],
+                   failures: list[str] | None = None, partner: tuple | None = None) -> np.ndarray:
+    """grad = scale·Σ g kᵀ per pending step. A step that is not such a multiple raises (or, with
+    `failures` given, is appended there and keeps its least-squares scale). `partner`: the
+    (adapter, probe, pending) of the other use of a tied weight, whose patterns add to the same
+    gradient (its steps aligned with `pending`)."""
+    name = adapter.name
+    w = adapter.params[0]
+    S = len(pending)
+    calls = [c for p in pending for c in p.calls]
+    recorded, magnitude = _projected(adapter, probe, pending, w.device)
+    if partner is not None:
+        p_adapter, p_probe, p_pending = partner
+        r2, m2 = _projected(p_adapter, p_probe, p_pending, w.device)
+        recorded, magnitude = recorded + r2, magnitude + m2
+        calls = calls + [c for p in p_pending for c in p.calls]
+    rows = adapter.projected_rows
     actual = torch.stack([p.actual for p in pending]).to(torch.float64).view(S, rows, 2)
     aa = (actual * actual).sum((1, 2))
     ar = (actual * recorded).sum((1, 2))

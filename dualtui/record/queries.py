@@ -22,7 +22,7 @@ from ..bundle.manifest import QuerySetSpec, bad_query_set_name
 from .attribution import find_output
 from .adapters.base import autograd_input
 from .errors import RecorderError
-from .layout import AmbiguousLayout, LayoutError, resolve_output
+from .layout import LayoutError, resolve_output
 
 if TYPE_CHECKING:
     from .recorder import Recorder
@@ -241,7 +241,7 @@ def record_query_set(
     preds, probs, losses, targets = [], [], [], []
     read_name: Any = None
     was_training = rec.model.training
-    rec._recording = False
+    rec._mode = "test"  # the recorder's hooks note query rows instead of patterns (Recorder.capture)
     rec.model.eval()
     try:
         for lo in range(0, m, batch_size):
@@ -249,7 +249,7 @@ def record_query_set(
             b = hi - lo
             x = _slice(inputs, axes, lo, hi, device)
             seen: list[tuple[str, torch.Tensor, torch.Tensor, Any]] = []  # (layer, rows input, output, rowmap)
-            handles = [h for n, layer in rec.layers.items() for h in _test_hooks(rec, n, layer, b, seen)]
+            rec._test_batch, rec._test_seen = b, seen
             try:
                 with torch.enable_grad():
                     output = call_model(rec.model, x)
@@ -275,8 +275,7 @@ def record_query_set(
                         loss = -lp.gather(1, lab_safe[:, None])[:, 0]
                         losses.append(torch.where(in_range, loss, torch.zeros_like(loss)).cpu())
             finally:
-                for h in handles:
-                    h.remove()
+                rec._test_seen = []
             missing = [n for n in rec.layers if n not in {s[0] for s in seen}]
             if missing:
                 raise RecorderError(f"record_test: layer {missing[0]!r} did not run on the query inputs")
@@ -288,7 +287,7 @@ def record_query_set(
                 g = torch.zeros_like(out) if g is None else g
                 r = got[n]
                 r.query.append(layer.adapter.keys(autograd_input(q, layer.adapter)).detach().cpu())
-                g = g.detach().reshape(-1, layer.spec.out_features)
+                g = layer.adapter.output_rows(g.detach())
                 r.grad.append((g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).cpu())
                 r.item.append(lo + rowmap.examples())
                 r.position.append(rowmap.positions())
@@ -296,7 +295,7 @@ def record_query_set(
             preds.append(pred.cpu())
             targets.append(tgt.cpu())
     finally:
-        rec._recording = True
+        rec._mode = "train"
         rec.model.train(was_training)
 
     prediction = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
@@ -394,8 +393,8 @@ def _decide_layouts(rec: "Recorder", seen: list, grads: list, chosen: torch.Tens
         layer = rec.layers[n]
         fits = []
         if g is not None and gw is not None and bool(g.abs().max() > 0):
-            g2 = g.reshape(-1, layer.spec.out_features).double()
-            w2 = gw.reshape(-1, layer.spec.out_features).double()
+            g2 = layer.adapter.output_rows(g).double()
+            w2 = layer.adapter.output_rows(gw).double()
             for cand in rm:
                 cw = c.double()[cand.examples().to(c.device)]
                 err = float((w2 - cw[:, None] * g2).norm() / (cw[:, None] * g2).norm().clamp(min=1e-300))
@@ -415,34 +414,3 @@ def _decide_layouts(rec: "Recorder", seen: list, grads: list, chosen: torch.Tens
         layer.rule_used = layer.rule_used or chosen_map.rule
         out.append((n, q, o, chosen_map))
     return out
-
-
-def _test_hooks(rec: "Recorder", name: str, layer: Any, b: int, seen: list) -> list:
-    """Hooks that expand broadcast inputs and capture each call's input rows and output."""
-    adapter = layer.adapter
-    state: dict[str, Any] = {}
-
-    def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor):
-            raise RecorderError(f"record_test: layer {name!r} was called without a tensor input")
-        try:
-            rowmap = rec._rowmap(layer, x, b, test=True)
-        except AmbiguousLayout as e:  # training never decided it: the gradients will (_decide_layouts)
-            state["rowmap"] = e.candidates
-            return None
-        except LayoutError as e:
-            raise RecorderError(f"record_test: {e}") from None
-        state["rowmap"] = rowmap
-        if rowmap.expand_to is not None:
-            return (adapter.expand(x, rowmap.expand_to),) + tuple(args[1:]), kwargs
-        return None
-
-    def post(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
-        seen.append((name, args[0].detach(), out, state.pop("rowmap")))
-        # Hand on a copy: an in-place op downstream (ReLU(inplace=True)) would otherwise rewrite
-        # `out`'s autograd history, and the gradient taken below would be w.r.t. the activation.
-        return out.clone()
-
-    return [layer.module.register_forward_pre_hook(pre, with_kwargs=True),
-            layer.module.register_forward_hook(post, with_kwargs=True)]

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import signal
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,7 +35,7 @@ from torch import nn
 
 from ..bundle.manifest import INPUT_KINDS, LayerSpec, Manifest, QuerySetSpec, bad_layer_name
 from ..bundle.writer import STORAGE_DTYPES, BundleWriter
-from .adapters import Adapter, AdapterError, adapter_class, recordable_kinds
+from .adapters import Adapter, AdapterError, adapter_class, recordable_kinds, unsupported_reason
 from .adapters.base import autograd_input
 from .attribution import AttributionCheck, make_schedule
 from .coefficients import StepRecord, sgd_coefficients
@@ -42,6 +43,10 @@ from .errors import RecorderError
 from .gradscale import PendingStep, make_probe, measure_scales
 from .layout import AmbiguousLayout, LayoutError, RowMap, check_layouts, declared_rule, explicit, resolve
 from .queries import QuerySetInfo, record_query_set
+
+class NotCovered(UserWarning):
+    """Trained parameters that the recorded dual form will not describe (said when recording starts)."""
+
 
 REFUSED_OPTIMIZERS = "Adam, AdamW, RMSprop, Adagrad and other per-coordinate optimizers"
 
@@ -80,7 +85,7 @@ class _Call:
     keys: torch.Tensor  # [n, in] (or [n] token ids)
     rowmap: RowMap  # which batch row each input row belongs to
     ids: torch.Tensor  # example ids: of the batch rows, or (explicit rows) of each input row (CPU)
-    out_features: int
+    rows_of: Callable[[torch.Tensor], torch.Tensor]  # the output gradient as [n, out] (adapter.output_rows)
     check: AttributionCheck
     grad: torch.Tensor | None = None
     grad_dtype: torch.dtype = torch.float32
@@ -92,7 +97,7 @@ class _Call:
 
     def add_grad(self, g: torch.Tensor) -> None:
         self.grad_dtype = g.dtype
-        g = g.detach().reshape(-1, self.out_features)
+        g = self.rows_of(g.detach())
         if g.dtype in (torch.float16, torch.bfloat16):  # mixed precision: exact in float32
             g = g.float()
         self.grad = g if self.grad is None else self.grad + g
@@ -136,9 +141,9 @@ class _Layer:
     probe: torch.Tensor | None = None  # fixed random directions for the gradient-scale check
     rule: str | None = None  # the layout rule: declared, or the first one inferred
     rule_used: str | None = None  # what the first call used (for the manifest)
-    rowmaps: dict = field(default_factory=dict)  # (lead, B, test) -> RowMap
-    stack: list = field(default_factory=list)  # (rowmap, ids) of calls between pre- and post-hook
+    rowmaps: dict = field(default_factory=dict)  # (lead, B, test, rule) -> RowMap
     handles: list = field(default_factory=list)
+    tie: str | None = None  # the parameter this layer shares with another use (tied weights)
 
     @property
     def module(self) -> nn.Module:
@@ -147,6 +152,11 @@ class _Layer:
     @property
     def params(self) -> list[torch.Tensor]:
         return self.adapter.params
+
+
+def seen_owner(seen: dict, p: torch.Tensor) -> str:
+    """The layer that first recorded parameter p (whole)."""
+    return next(v for k, v in seen.items() if k[0] == id(p))
 
 
 def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict | None:
@@ -273,16 +283,26 @@ class Recorder:
         self.query_sets: dict[str, QuerySetInfo] = {}
         self._in_step = False
         self._pending_interrupt = False
-        self._recording = True
+        self._mode = "train"  # "train" | "test" (record_test) | "off"
+        self._test_batch = 0
+        self._test_seen: list = []
         self._compute_dtype: str | None = None  # torch.autocast's dtype, once a recorded layer ran under it
         self.skipped_steps = 0  # optimizer steps that never happened (GradScaler found inf/NaN)
 
+        self._unrecordable: dict[str, str] = {}  # modules of a recordable kind in a configuration it cannot record
         self.layers = self._select_layers(layers)
         self.writer = BundleWriter(path, storage_dtype=storage_dtype, chunk_bytes=chunk_bytes, max_shard_bytes=max_shard_bytes)
         for layer in self.layers.values():
             self.writer.add_layer(layer.spec, with_position=self.positions)
-            layer.handles = [layer.module.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True),
-                             layer.module.register_forward_hook(self._make_forward_hook(layer))]
+            if layer.adapter.hooked:
+                pre = [layer.module.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True)] \
+                    if layer.adapter.rule is None else []  # fixed layouts ([N, C, ...]) are never broadcast
+                layer.handles = pre + [layer.module.register_forward_hook(self._make_forward_hook(layer))]
+            else:
+                layer.handles = layer.adapter.install(self, layer)
+        nc = self._not_covered()
+        if nc:  # said at the start, not discovered in `verify` afterwards
+            warnings.warn(NotCovered(self._not_covered_line(nc)), stacklevel=2)
         self._root_handles: list = []
         self._arm_check()
         self._pre = optimizer.register_step_pre_hook(self._before_step)
@@ -350,35 +370,58 @@ class Recorder:
 
     def _select_layers(self, names: Sequence[str] | None) -> dict[str, _Layer]:
         modules = dict(self.model.named_modules())
-        candidates = {n: m for n, m in modules.items() if adapter_class(m) is not None}
-        if "" in candidates:
+        if "" in modules and adapter_class(modules[""]) is not None:
             raise RecorderError(f"the model itself is an {type(self.model).__name__}: wrap it so that the layer has a name, "
                                 "e.g. Recorder(nn.Sequential(model), ...) records it as layer '0'")
+        # Each recordable module gives one or more layers (attention: four projections; a grouped
+        # convolution: one per group); a submodule an adapter records itself gets none of its own.
+        made: dict[str, list[Adapter]] = {}
+        claimed: set[str] = set()
+        for n, m in modules.items():
+            if n in claimed:
+                continue
+            cls = adapter_class(m)
+            if cls is None:
+                continue
+            try:
+                adapters = cls.create(n, m)
+            except AdapterError as e:
+                if names is None or n in names:  # a kind dualtui records, configured so it cannot be exact
+                    raise RecorderError(f"{e} (leave it out with layers=[...] to record the rest)") from None
+                self._unrecordable[n] = str(e)
+                continue
+            made[n] = adapters
+            for ad in adapters:
+                claimed.update(ad.claims)
+        by_layer = {ad.name: (n, ad) for n, ads in made.items() for ad in ads}
         if names is None:
-            chosen = list(candidates)
+            chosen = list(by_layer)
         else:
-            names = list(names)
+            chosen = []
             for n in names:
-                if n in candidates:
-                    continue
-                if n in modules:
-                    raise RecorderError(f"module {n!r} is a {type(modules[n]).__name__}, which dualtui cannot record; "
-                                        f"recordable kinds: {recordable_kinds()}; recordable layers: {', '.join(candidates) or '(none)'}")
-                raise RecorderError(f"unknown layer {n!r}; recordable layers: {', '.join(candidates) or '(none)'}")
-            chosen = names
+                if n in by_layer:
+                    chosen.append(n)
+                elif n in made:  # a module name: all its layers
+                    chosen.extend(ad.name for ad in made[n])
+                elif n in self._unrecordable:
+                    raise RecorderError(self._unrecordable[n])
+                elif n in modules:
+                    why = unsupported_reason(n, modules[n]) or (f"module {n!r} is a {type(modules[n]).__name__}, which "
+                                                                "dualtui cannot record")
+                    raise RecorderError(f"{why}; recordable kinds: {recordable_kinds()}; recordable layers: "
+                                        f"{', '.join(by_layer) or '(none)'}")
+                else:
+                    raise RecorderError(f"unknown layer {n!r}; recordable layers: {', '.join(by_layer) or '(none)'}")
         if not chosen:
             raise RecorderError(f"the model has no layer dualtui can record ({recordable_kinds()})")
-        seen: dict[int, str] = {}
+        seen: dict[tuple, str] = {}  # (parameter, rows) -> the layer recording them
+        whole: dict[int, tuple[str, Adapter]] = {}  # parameter -> a layer using it whole
         out: dict[str, _Layer] = {}
         for name in chosen:
             why = bad_layer_name(name)
             if why:
                 raise RecorderError(why)
-            m = candidates[name]
-            try:
-                adapter = adapter_class(m)(name, m)
-            except AdapterError as e:
-                raise RecorderError(str(e)) from None
+            adapter = by_layer[name][1]
             params = adapter.params
             half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
             if half:
@@ -386,10 +429,18 @@ class Recorder:
                                     "at every step, which no dual form reproduces; keep float32 parameters and compute "
                                     "in half precision with torch.autocast")
             groups = []
-            for p in params:
-                if id(p) in seen:
-                    raise RecorderError(f"layer {name!r} shares a parameter with {seen[id(p)]!r} (tied weights are not supported)")
-                seen[id(p)] = name
+            tie = None
+            for j, p in enumerate(params):
+                rows = adapter.rows
+                key = (id(p), None if rows is None else (rows.start, rows.stop))
+                if key in seen or (rows is None and any(k[0] == id(p) for k in seen)) or \
+                        (rows is not None and (id(p), None) in seen):
+                    other = seen.get(key) or next(v for k, v in seen.items() if k[0] == id(p))
+                    tie = self._tie(name, adapter, other, out, j, p)
+                else:
+                    seen[key] = name
+                    if rows is None:
+                        whole[id(p)] = (name, adapter)
                 g = _group_of(self.optimizer, p)
                 if g is None:
                     raise RecorderError(f"layer {name!r} has a parameter the optimizer does not train; leave it out with layers=[...]")
@@ -397,12 +448,33 @@ class Recorder:
                     raise RecorderError(f"layer {name!r}: the optimizer already has state (momentum); attach the Recorder before the first step")
                 groups.append(g)
             spec = adapter.spec
-            w0 = params[0].detach().to("cpu", copy=True)
-            b0 = params[1].detach().to("cpu", copy=True) if spec.bias else None
+            w0 = adapter.weight().to("cpu", copy=True)
+            b0 = adapter.bias().to("cpu", copy=True) if spec.bias else None
             bias_group = groups[1] if len(groups) == 2 and groups[1] is not groups[0] else None
-            out[name] = _Layer(name, adapter, spec, w0, b0, group=groups[0], bias_group=bias_group,
-                               rule=declared_rule(name, self.layouts))
+            rule = declared_rule(name, self.layouts) or adapter.rule
+            layer = _Layer(name, adapter, spec, w0, b0, group=groups[0], bias_group=bias_group, rule=rule)
+            if tie is not None:
+                layer.tie = tie
+                out[seen_owner(seen, params[0])].tie = tie
+            out[name] = layer
         return out
+
+    def _partner(self, layer: _Layer) -> _Layer:
+        """The other use of a tied weight."""
+        return next(lay for lay in self.layers.values() if lay.tie == layer.tie and lay is not layer)
+
+    def _tie(self, name: str, adapter: Adapter, other: str, out: dict, j: int, p: torch.Tensor) -> str:
+        """One parameter used by an Embedding and by a linear head (tied input/output embeddings,
+        GPT-2's lm_head and wte): one matrix, two kinds of patterns. Anything else is refused."""
+        first = out.get(other)
+        kinds = {adapter.kind, first.adapter.kind if first is not None else None}
+        if (j == 0 and first is not None and kinds == {"embedding", "linear"} and adapter.rows is None
+                and first.adapter.rows is None and tuple(adapter.weight().shape) == tuple(first.adapter.weight().shape)
+                and first.tie is None):
+            names = {id(q): n for n, q in self.model.named_parameters()}
+            return names.get(id(p), f"{other}.weight")
+        raise RecorderError(f"layer {name!r} shares a parameter with {other!r}; dualtui records a weight shared by an "
+                            "nn.Embedding and a linear head of the same shape (tied embeddings), not other sharing")
 
     def _make_zero_grad(self, original: Callable) -> Callable:
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
@@ -487,37 +559,27 @@ class Recorder:
             layer.rowmaps[key] = rowmap
         return rowmap
 
+    def _batch_size(self) -> int | None:
+        """Rows of the current batch: the example ids given (training) or the query batch (record_test)."""
+        if self._mode == "test":
+            return self._test_batch
+        return None if self._example is None else self._example.numel()
+
     def _make_pre_hook(self, layer: _Layer) -> Callable:
+        """Inputs shared by the batch ([1, ...]) are expanded before the layer runs, so that
+        every example gets its own row, pattern and error signal."""
+
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if not self._recording or not torch.is_grad_enabled():
+            if self._mode == "off" or not torch.is_grad_enabled():
                 return None
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                raise RecorderError(f"layer {layer.name!r} was called without a tensor as its first argument")
-            ex = self._example
-            if ex is None:  # refused in the forward hook if the output turns out to need a gradient
-                layer.stack.append(None)
-                return None
-            explicit_ids = self._rows.get(layer.name)
-            if explicit_ids is not None:
-                try:
-                    rowmap = explicit(layer.name, layer.adapter.lead(x), explicit_ids, layer.adapter.feature)
-                except LayoutError as e:
-                    raise RecorderError(str(e)) from None
-                layer.rule_used = layer.rule_used or "explicit"
-                layer.stack.append((rowmap, explicit_ids))
+            B = self._batch_size()
+            if not isinstance(x, torch.Tensor) or B is None or (self._mode == "train" and layer.name in self._rows):
                 return None
             try:
-                rowmap = self._rowmap(layer, x, ex.numel())
-            except AmbiguousLayout as e:
-                if self.check.current is None:  # refused in the forward hook if the output needs a gradient
-                    layer.stack.append(RecorderError(f"{e}; or keep check_attribution on (it tells the layouts "
-                                                     "apart at a checked step where the layer runs)"))
-                    return None
-                # Decided by the attribution check of this step (before the step is applied).
-                layer.stack.append((e.candidates[0], ex, e.candidates, str(e)))
-                return None
-            layer.stack.append((rowmap, ex))
+                rowmap = self._rowmap(layer, x, B, test=self._mode == "test")
+            except AmbiguousLayout:
+                return None  # decided in capture()
             if rowmap.expand_to is not None:
                 return (layer.adapter.expand(x, rowmap.expand_to),) + tuple(args[1:]), kwargs
             return None
@@ -525,36 +587,68 @@ class Recorder:
         return pre
 
     def _make_forward_hook(self, layer: _Layer) -> Callable:
-        out_features = layer.spec.out_features
-
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
-            if not self._recording or not torch.is_grad_enabled() or not layer.stack:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            if self._mode == "off" or not torch.is_grad_enabled() or not inputs or not isinstance(output, torch.Tensor):
                 return None
-            entry = layer.stack.pop()
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return None
-            if entry is None:
-                raise RecorderError("a recorded layer ran without example ids: wrap the forward pass in `with recorder.batch(example=ids):`")
-            if isinstance(entry, RecorderError):
-                raise entry
-            rowmap, ids = entry[0], entry[1]
-            x = inputs[0]
-            if layer.adapter.autocast and self._compute_dtype is None and torch.is_autocast_enabled(x.device.type):
-                self._compute_dtype = str(torch.get_autocast_dtype(x.device.type)).replace("torch.", "")
-            keys = layer.adapter.keys(autograd_input(x.detach(), layer.adapter))
-            call = _Call(keys, rowmap, ids, out_features, self.check)
-            if len(entry) > 2:
-                call.candidates, call.ambiguity = entry[2], entry[3]
-            layer.calls.append(call)
-            # Not output.register_hook: with in-place changes through views of the output
-            # (embeddings plus positions, reshapes) the tensor hook can miss its gradient.
-            wrapped = _CaptureGrad.apply(output, call)
-            if self.check.current is not None:
-                call.check_out = wrapped
-                self.check.note_call(call)
-            return wrapped
+            if not isinstance(inputs[0], torch.Tensor):
+                raise RecorderError(f"layer {layer.name!r} was called without a tensor as its first argument")
+            return self.capture(layer, inputs[0], output)
 
         return hook
+
+    def capture(self, layer: _Layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """One call of a recorded layer: its input x (the keys' source) and output. Training:
+        keep the keys and hand on an identity node that catches dL/d(output). record_test:
+        note the call for the query rows. Adapters that route functional calls (attention) use
+        this too. Returns the tensor to hand on."""
+        if self._mode == "off" or not torch.is_grad_enabled():
+            return output
+        adapter = layer.adapter
+        if self._mode == "test":
+            try:
+                rowmap: Any = self._rowmap(layer, x, self._test_batch, test=True)
+            except AmbiguousLayout as e:  # training never decided it: the gradients will (queries.py)
+                rowmap = e.candidates
+            self._test_seen.append((layer.name, x.detach(), output, rowmap))
+            # Hand on a copy: an in-place op downstream (ReLU(inplace=True)) would otherwise rewrite
+            # `output`'s autograd history, and the query gradient would be w.r.t. the activation.
+            return output.clone()
+        if not output.requires_grad:
+            return output
+        if self._example is None:
+            raise RecorderError("a recorded layer ran without example ids: wrap the forward pass in `with recorder.batch(example=ids):`")
+        candidates, ambiguity = None, ""
+        explicit_ids = self._rows.get(layer.name)
+        if explicit_ids is not None:
+            try:
+                rowmap = explicit(layer.name, adapter.lead(x), explicit_ids, adapter.feature)
+            except LayoutError as e:
+                raise RecorderError(str(e)) from None
+            layer.rule_used = layer.rule_used or "explicit"
+            ids = explicit_ids
+        else:
+            ids = self._example
+            try:
+                rowmap = self._rowmap(layer, x, ids.numel())
+            except AmbiguousLayout as e:
+                if self.check.current is None:
+                    raise RecorderError(f"{e}; or keep check_attribution on (it tells the layouts apart at a "
+                                        "checked step where the layer runs)") from None
+                # Decided by the attribution check of this step (before the step is applied).
+                rowmap, candidates, ambiguity = e.candidates[0], e.candidates, str(e)
+        if adapter.autocast and self._compute_dtype is None and torch.is_autocast_enabled(x.device.type):
+            self._compute_dtype = str(torch.get_autocast_dtype(x.device.type)).replace("torch.", "")
+        keys = adapter.keys(autograd_input(x.detach(), adapter))
+        call = _Call(keys, rowmap, ids, adapter.output_rows, self.check)
+        call.candidates, call.ambiguity = candidates, ambiguity
+        layer.calls.append(call)
+        # Not output.register_hook: with in-place changes through views of the output
+        # (embeddings plus positions, reshapes) the tensor hook can miss its gradient.
+        wrapped = _CaptureGrad.apply(output, call)
+        if self.check.current is not None:
+            call.check_out = wrapped
+            self.check.note_call(call)
+        return wrapped
 
     def _arm_check(self) -> None:
         """Hook the model's own forward only for the steps the attribution check runs at: a
@@ -571,11 +665,11 @@ class Recorder:
             self.check.current = None
 
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if self._recording and torch.is_grad_enabled():
+        if self._mode == "train" and torch.is_grad_enabled():
             self.check.begin(self.step_count, self._example, args)
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self._recording and torch.is_grad_enabled() and self.check.current is not None:
+        if self._mode == "train" and torch.is_grad_enabled() and self.check.current is not None:
             return self.check.tap(output)
         return None
 
@@ -585,6 +679,7 @@ class Recorder:
         if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
             raise RecorderError("optimizer.step(closure) re-evaluates the loss inside the step; call backward() before step() instead")
         records = []
+        eager_ties: list = []
         hypers: dict[int, tuple] = {}  # per param group, read once per step
         for layer in self.layers.values():
             hyper = hypers.get(id(layer.group)) or hypers.setdefault(id(layer.group), _hyper(layer.group))
@@ -611,6 +706,12 @@ class Recorder:
                     layer.rule_used = layer.rule_used or c.rowmap.rule
             if active and layer.probe is None:
                 layer.probe = make_probe(layer.adapter, layer.params[0])
+                if layer.tie is not None and layer.adapter.kind == "embedding":
+                    # the tied head's probe, without its bias row: both uses project one gradient
+                    head = self._partner(layer)
+                    if head.probe is None:
+                        head.probe = make_probe(head.adapter, head.params[0])
+                    layer.probe = head.probe[:-1].contiguous()
             actual = layer.adapter.project_grad(layer.probe) if active else None
             record = StepRecord(lr, mu, damp, nest, wd, maxim, active, 1.0)
             bias_record = None
@@ -621,8 +722,17 @@ class Recorder:
                 bias = layer.params[1]
                 bias_record = StepRecord(*bias_hyper, active and bias.grad is not None, 1.0)
             if active and self.step_count < EAGER_STEPS:
-                measure_scales(layer.adapter, layer.probe, [PendingStep(self.step_count, layer.calls, actual)])  # raises before the update
+                if layer.tie is None:
+                    measure_scales(layer.adapter, layer.probe, [PendingStep(self.step_count, layer.calls, actual)])  # raises before the update
+                else:  # checked for both uses together, once every layer has been seen (below)
+                    eager_ties.append((layer, actual))
             records.append((record, actual, bias_record))
+        by_name = {lay.name: (lay, act) for lay, act in eager_ties}
+        for lay, act in eager_ties:  # tied weights: the head's gradient is the sum of both uses
+            if lay.adapter.kind != "embedding":
+                emb, emb_act = by_name[self._partner(lay).name]
+                measure_scales(lay.adapter, lay.probe, [PendingStep(self.step_count, lay.calls, act)],
+                               partner=(emb.adapter, emb.probe, [PendingStep(self.step_count, emb.calls, emb_act)]))
         self.check.step_done(self.step_count)
         # Appended in the post-hook, once the step has really happened.
         self._pending_records = records
@@ -656,6 +766,7 @@ class Recorder:
     def _commit_pending(self, strict: bool = True) -> None:
         """Check the scales of the applied steps and move their patterns to the spool."""
         first_failure = None
+        ties = {lay.name: list(lay.pending) for lay in self.layers.values() if lay.tie is not None}
         for layer in self.layers.values():
             pending, layer.pending, layer.pending_bytes = layer.pending, [], 0
             if not pending:
@@ -663,7 +774,16 @@ class Recorder:
             # Failures are kept with the patterns (nothing recorded is dropped) and raised
             # once the patterns are safely spooled; the bundle then says what went wrong.
             failures: list[str] = []
-            scales = measure_scales(layer.adapter, layer.probe, pending, failures)
+            if layer.tie is not None:
+                partner = self._partner(layer)
+                # One gradient, two uses: measured once, on the head, for both.
+                head, emb = (layer, partner) if layer.adapter.kind != "embedding" else (partner, layer)
+                scales = measure_scales(head.adapter, head.probe, ties[head.name], failures,
+                                        partner=(emb.adapter, emb.probe, ties[emb.name]))
+                if layer is emb:
+                    failures = []  # reported once, with the head
+            else:
+                scales = measure_scales(layer.adapter, layer.probe, pending, failures)
             self.check_failures.extend(failures)
             if failures and strict:
                 first_failure = first_failure or failures[0]
@@ -863,6 +983,8 @@ class Recorder:
             if ratio is not None:
                 static[f"layer/{lay.name}/bias_scale"] = ratio
                 lay.spec.extra["bias_scale"] = True
+            if lay.tie is not None:
+                lay.spec.extra["tied"] = lay.tie  # the shared parameter: verify sums both uses
             if lay.rule_used:
                 lay.spec.extra["rows"] = lay.rule_used
             specs.append(lay.spec)
@@ -898,11 +1020,40 @@ class Recorder:
         return self.writer.finalize(manifest, static, transform)
 
     def _not_covered(self) -> list[str]:
-        """Trained parameters outside the recorded layers (e.g. LayerNorm gains): the dual form
-        says nothing about them, and `dualtui info` says so."""
-        recorded = {id(p) for lay in self.layers.values() for p in lay.params}
+        """Trained parameters outside the recorded layers (e.g. an LSTM's gates): the dual form
+        says nothing about them, and `dualtui info` says so. A parameter recorded in parts (the
+        packed projections of attention) counts as covered when its parts cover every row."""
+        rows: dict[int, list] = {}
+        for lay in self.layers.values():
+            for p in lay.params:
+                r = lay.adapter.rows
+                rows.setdefault(id(p), []).append((0, p.shape[0]) if r is None or p.dim() == 0 else (r.start, r.stop))
         trained = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        return [n for n, p in self.model.named_parameters() if id(p) in trained and id(p) not in recorded]
+        out = []
+        for n, p in self.model.named_parameters():
+            if id(p) not in trained:
+                continue
+            have = sorted(rows.get(id(p), []))
+            covered, upto = bool(have), 0
+            for lo, hi in have:
+                if lo > upto:
+                    covered = False
+                upto = max(upto, hi)
+            if not covered or (p.dim() and upto < p.shape[0]):
+                out.append(n)
+        return out
+
+    def _not_covered_line(self, names: list[str]) -> str:
+        """One line for the start of a recording: what is not covered, and why where known."""
+        modules = dict(self.model.named_modules())
+        reasons: list[str] = []
+        for n in names:
+            owner = n.rsplit(".", 1)[0] if "." in n else ""
+            why = self._unrecordable.get(owner) or unsupported_reason(owner, modules.get(owner))
+            if why and why not in reasons:
+                reasons.append(why)
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        return f"dualtui: not covered by the dual form: {shown}" + ("; " + "; ".join(reasons) if reasons else "")
 
     def _detach(self) -> None:
         for layer in self.layers.values():
