@@ -223,6 +223,10 @@ def _attribution_line(a: dict) -> str:
             f"{a.get('max_relative_error', 0.0):.1e} (tolerance {a.get('tolerance', 0.0):.0e})")
     if a.get("unchecked_layers"):
         line += f"; not checkable at {', '.join(a['unchecked_layers'])} (gradient does not pass through the model's output)"
+    if a.get("coupled_layers"):
+        cl = a["coupled_layers"]
+        line += (f"; not checkable at {', '.join(cl[:6])}{' …' if len(cl) > 6 else ''} (BatchNorm in training mode mixes "
+                 "the examples' error signals; their rows follow PyTorch's batch axis, axis 0)")
     return line
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dualtui.bundle import Bundle
 from dualtui.record import Recorder
@@ -64,7 +65,10 @@ def alone(model: nn.Module, state: dict, layer: str, x_one: Any, y_one: Any,
     ins, outs = [], []
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        ins.append(args[0].detach())
+        x = args[0].detach()
+        if isinstance(module, nn.LayerNorm):  # a norm's key is its normalised input: PyTorch's own, no affine
+            x = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        ins.append(x)
         out = out + torch.zeros_like(out, requires_grad=True)  # a fresh leaf to differentiate
         outs.append(out)
         out.retain_grad()

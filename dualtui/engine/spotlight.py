@@ -195,7 +195,10 @@ def spotlights(
     tests = check_tests(bundle, tests, queries)
     qs = query_set(bundle, queries)
     if groups is None:  # every grouping the layer supports ("position" needs positions: text runs)
-        groups = GROUPS if bundle.has_position(layer) else tuple(g for g in GROUPS if g != "position")
+        # (training tokens of a text run; a convolution's positions are places on an image, and a
+        # pattern per example and place is already one pattern per epoch)
+        text_positions = bundle.has_position(layer) and bundle.manifest.input.get("kind") == "text"
+        groups = GROUPS if text_positions else tuple(g for g in GROUPS if g != "position")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     for b in by:
         if b not in SCORES:

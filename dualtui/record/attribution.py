@@ -79,6 +79,7 @@ class _Forward:
     batch_ids: torch.Tensor  # [B] example ids of the batch rows
     calls: list[Any] = field(default_factory=list)  # _Call objects of this forward
     tapped: bool = False
+    coupled: list[str] = field(default_factory=list)  # BatchNorm modules in training mode
 
 
 class _Tap(torch.autograd.Function):
@@ -113,6 +114,11 @@ class AttributionCheck:
         self.reached: set[str] = set()
         self.input_rule: str | None = None  # the model input's layout, when a batch showed it
         self.failure: str | None = None  # the first failed comparison (the run stopped there)
+        # BatchNorm in training mode mixes the examples' error signals in the backward pass: the
+        # layers before it cannot be checked this way (their rows follow PyTorch's batch axis).
+        self.coupled: set[str] = set()
+        self.coupling: list[str] = []  # the BatchNorm modules that did it
+        self.batch_norms: Callable[[], list[str]] = lambda: []
         self.output_rule: str | None = None  # how the model's output rows were read
 
     @property
@@ -126,7 +132,7 @@ class AttributionCheck:
         if batch_ids is not None and batch_ids.numel() > 1 and self.input_rule is None:
             self.input_rule = input_rule(args, batch_ids.numel())
         if self.schedule is not None and batch_ids is not None and batch_ids.numel() and self.schedule(step):
-            self.current = _Forward(step, batch_ids)
+            self.current = _Forward(step, batch_ids, coupled=self.batch_norms())
 
     def note_call(self, call: Any) -> None:
         if self.current is not None:
@@ -184,6 +190,7 @@ class AttributionCheck:
             g1, gc = next(it)
             c.check_grads = (None if g1 is None else c.rows_of(g1.detach()),
                              None if gc is None else c.rows_of(gc.detach()))
+            c.check_coupled = fwd.coupled
             c.check_step = fwd.step
             c.check_out = None  # no reference to the graph beyond this pass
 
@@ -204,6 +211,9 @@ class AttributionCheck:
                 continue
             tol = TOLERANCE.get(c.grad_dtype, 1e-3)
             self.tolerance = max(self.tolerance, tol)
+            if c.candidates is not None and getattr(c, "check_coupled", None):
+                return (f"{c.ambiguity}; the attribution check cannot decide it, because BatchNorm in training mode "
+                        f"({', '.join(c.check_coupled[:3])}) mixes the examples' error signals")
             if c.candidates is not None:
                 fits = []
                 for cand in c.candidates:
@@ -219,6 +229,10 @@ class AttributionCheck:
                 c.candidates = None
             else:
                 err, ex = _relative_error(g1, gc, example_of(c), c.check_step)
+            if err > tol and getattr(c, "check_coupled", None):
+                self.coupled.add(layer)  # not a proof either way: said in the manifest, not failed
+                self.coupling = sorted(set(self.coupling) | set(c.check_coupled))
+                continue
             checked = True
             if err > worst or worst_at is None:
                 worst, worst_at = err, (ex, tol, c.check_step)
@@ -264,9 +278,13 @@ class AttributionCheck:
             "layers": {L: self.layer_error[L] for L in layers if L in self.layer_error},
             "output_rows": self.output_rule,
         }
-        unchecked = [L for L in layers if L not in self.layer_error]
+        unchecked = [L for L in layers if L not in self.layer_error and L not in self.coupled]
         if unchecked:
             out["unchecked_layers"] = unchecked  # their gradient never passed through the model's output
+        coupled = [L for L in layers if L in self.coupled and L not in self.layer_error]
+        if coupled:
+            out["coupled_layers"] = coupled
+            out["coupled_by"] = self.coupling
         if self.skipped:
             out["skipped"] = [f"step {s}: {r}" for r, s in self.skipped.items()]
         if self.failure:

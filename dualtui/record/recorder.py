@@ -91,6 +91,7 @@ class _Call:
     grad_dtype: torch.dtype = torch.float32
     check_out: torch.Tensor | None = None  # the output the attribution check differentiates
     check_grads: tuple | None = None
+    check_coupled: list | None = None  # BatchNorm modules in training mode during the checked forward
     check_step: int = -1
     candidates: list[RowMap] | None = None  # layouts that fit the shape, for the attribution check to decide
     ambiguity: str = ""
@@ -144,6 +145,7 @@ class _Layer:
     rowmaps: dict = field(default_factory=dict)  # (lead, B, test, rule) -> RowMap
     handles: list = field(default_factory=list)
     tie: str | None = None  # the parameter this layer shares with another use (tied weights)
+    with_position: bool = False  # store each pattern's position within its example
 
     @property
     def module(self) -> nn.Module:
@@ -291,9 +293,14 @@ class Recorder:
 
         self._unrecordable: dict[str, str] = {}  # modules of a recordable kind in a configuration it cannot record
         self.layers = self._select_layers(layers)
+        bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # batch statistics (training mode, or no running statistics) couple the examples
+        self.check.batch_norms = lambda: [n for n, m in bns if m.training or not m.track_running_stats]
         self.writer = BundleWriter(path, storage_dtype=storage_dtype, chunk_bytes=chunk_bytes, max_shard_bytes=max_shard_bytes)
         for layer in self.layers.values():
-            self.writer.add_layer(layer.spec, with_position=self.positions)
+            # a convolution's pattern is an output position: always stored (the patch's place on the input)
+            layer.with_position = self.positions or layer.adapter.kind == "conv"
+            self.writer.add_layer(layer.spec, with_position=layer.with_position)
             if layer.adapter.hooked:
                 pre = [layer.module.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True)] \
                     if layer.adapter.rule is None else []  # fixed layouts ([N, C, ...]) are never broadcast
@@ -431,7 +438,7 @@ class Recorder:
             groups = []
             tie = None
             for j, p in enumerate(params):
-                rows = adapter.rows
+                rows = adapter.param_rows(j)
                 key = (id(p), None if rows is None else (rows.start, rows.stop))
                 if key in seen or (rows is None and any(k[0] == id(p) for k in seen)) or \
                         (rows is not None and (id(p), None) in seen):
@@ -798,13 +805,13 @@ class Recorder:
             keys = torch.cat([c.keys for c in calls]).cpu()
             grads = torch.cat([c.grad for c in calls]).cpu()
             example = torch.cat([c.example_ids() for c in calls])
-            position = torch.cat([c.positions() for c in calls]) if self.positions else example
+            position = torch.cat([c.positions() for c in calls]) if layer.with_position else example
             step = torch.repeat_interleave(torch.tensor([p.step for p in pending]), torch.tensor(counts))
             keep = layer.adapter.keep(keys)
             if keep is not None:
                 keys, grads, example, position, step = keys[keep], grads[keep], example[keep], position[keep], step[keep]
             arrays = dict(keys=keys.numpy(), values=grads.numpy(), step=step.numpy(), example=example.numpy())
-            if self.positions:
+            if layer.with_position:
                 arrays["position"] = position.numpy()
             self.writer.append(layer.name, **arrays)
         if first_failure is not None:
@@ -869,7 +876,7 @@ class Recorder:
             "step": cat("step", ()).astype(np.int64),
             "example": cat("example", ()).astype(np.int64),
         }
-        if self.positions:
+        if lay.with_position:
             out["position"] = cat("position", ()).astype(np.int64)
         raw = cat("values", (lay.spec.out_features,))
         out["values"] = raw * C[out["step"]][:, None] if len(raw) else raw
@@ -1025,8 +1032,8 @@ class Recorder:
         packed projections of attention) counts as covered when its parts cover every row."""
         rows: dict[int, list] = {}
         for lay in self.layers.values():
-            for p in lay.params:
-                r = lay.adapter.rows
+            for j, p in enumerate(lay.params):
+                r = lay.adapter.param_rows(j)
                 rows.setdefault(id(p), []).append((0, p.shape[0]) if r is None or p.dim() == 0 else (r.start, r.stop))
         trained = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         out = []

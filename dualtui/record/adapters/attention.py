@@ -73,6 +73,9 @@ class ProjectionAdapter(LinearMath, Adapter):
     def rows(self) -> slice | None:
         return self._slice if self.packed else None
 
+    def param_rows(self, j: int) -> slice | None:
+        return self.rows if j == 0 else self._slice  # the bias is always in_proj_bias's rows
+
     def bias(self) -> torch.Tensor | None:
         return None if self.bias_param is None else self.bias_param.detach()[self._slice]
 
@@ -127,6 +130,9 @@ class OutProjectionAdapter(ProjectionAdapter):
     def rows(self) -> None:
         return None
 
+    def param_rows(self, j: int) -> None:
+        return None
+
     def bias(self) -> torch.Tensor | None:
         return None if self.bias_param is None else self.bias_param.detach()
 
@@ -169,7 +175,8 @@ class _Capture:
         self.module = module
         self.name = name
         self.original = module.forward  # the bound method PyTorch defines
-        module.forward = self.forward  # an instance attribute shadows the class's method
+        self.wrapper = self.forward  # one bound method, so that remove() can recognise it
+        module.forward = self.wrapper  # an instance attribute shadows the class's method
 
     def layer(self, suffix: str) -> Any:
         return self.recorder.layers.get(f"{self.name}.{suffix}")
@@ -215,5 +222,5 @@ class _Capture:
         return got[0] if len(got) == 1 else torch.cat(got, dim=-1)
 
     def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.forward:
+        if self.module.__dict__.get("forward") is self.wrapper:
             del self.module.forward

@@ -67,6 +67,10 @@ class Adapter:
         """The rows of params[0] (and of the bias) this layer covers, or None for all of them."""
         return None
 
+    def param_rows(self, j: int) -> slice | None:
+        """The rows of params[j] this layer covers (None: all)."""
+        return self.rows
+
     @property
     def feature(self) -> int | None:
         """Size of the input's feature axis (the last), or None when every input entry is a row."""
