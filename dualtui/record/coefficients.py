@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepRecord:
     """What one optimizer step did to one parameter, as the optimizer saw it."""
 

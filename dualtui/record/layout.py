@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
 
 import torch
@@ -57,6 +58,10 @@ class RowMap:
 
     def examples(self) -> torch.Tensor:
         """[n] int64: the batch row (0..B-1) of each input row, in flattened (C) order."""
+        return self._examples
+
+    @cached_property
+    def _examples(self) -> torch.Tensor:  # computed once per shape (RowMaps are cached per layer)
         r = torch.arange(self.rows)
         if self.rule.endswith("sequence-first"):
             return (r // self.inner) % self.batch
@@ -64,6 +69,10 @@ class RowMap:
 
     def positions(self) -> torch.Tensor:
         """[n] int64: each row's position within its example (the flattened non-batch index)."""
+        return self._positions
+
+    @cached_property
+    def _positions(self) -> torch.Tensor:
         r = torch.arange(self.rows)
         if self.rule.endswith("sequence-first"):
             return (r // (self.batch * self.inner)) * self.inner + r % self.inner

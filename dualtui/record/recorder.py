@@ -21,7 +21,6 @@ ids are right), `queries.py` (query sets), `coefficients.py` (the SGD family's s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import threading
 import warnings
@@ -289,6 +288,8 @@ class Recorder:
         self._test_batch = 0
         self._test_seen: list = []
         self._compute_dtype: str | None = None  # torch.autocast's dtype, once a recorded layer ran under it
+        self._checked_forward = False  # a forward of this step ran under the attribution check
+        self._undecided = False  # some call of this step waits for the check to pick its layout
         self.skipped_steps = 0  # optimizer steps that never happened (GradScaler found inf/NaN)
 
         self._unrecordable: dict[str, str] = {}  # modules of a recordable kind in a configuration it cannot record
@@ -302,9 +303,7 @@ class Recorder:
             layer.with_position = self.positions or layer.adapter.kind == "conv"
             self.writer.add_layer(layer.spec, with_position=layer.with_position)
             if layer.adapter.hooked:
-                pre = [layer.module.register_forward_pre_hook(self._make_pre_hook(layer), with_kwargs=True)] \
-                    if layer.adapter.rule is None else []  # fixed layouts ([N, C, ...]) are never broadcast
-                layer.handles = pre + [layer.module.register_forward_hook(self._make_forward_hook(layer))]
+                layer.handles = [layer.module.register_forward_hook(self._make_forward_hook(layer))]
             else:
                 layer.handles = layer.adapter.install(self, layer)
         nc = self._not_covered()
@@ -466,6 +465,10 @@ class Recorder:
             out[name] = layer
         return out
 
+    def _non_finite(self, name: str) -> RecorderError:
+        return RecorderError(f"layer {name!r} step {self.step_count}: the optimizer is about to apply a non-finite "
+                             "gradient (inf/NaN); with mixed precision use torch.amp.GradScaler, which skips such steps")
+
     def _partner(self, layer: _Layer) -> _Layer:
         """The other use of a tied weight."""
         return next(lay for lay in self.layers.values() if lay.tie == layer.tie and lay is not layer)
@@ -572,34 +575,26 @@ class Recorder:
             return self._test_batch
         return None if self._example is None else self._example.numel()
 
-    def _make_pre_hook(self, layer: _Layer) -> Callable:
-        """Inputs shared by the batch ([1, ...]) are expanded before the layer runs, so that
-        every example gets its own row, pattern and error signal."""
-
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if self._mode == "off" or not torch.is_grad_enabled():
-                return None
-            x = args[0] if args else None
-            B = self._batch_size()
-            if not isinstance(x, torch.Tensor) or B is None or (self._mode == "train" and layer.name in self._rows):
-                return None
-            try:
-                rowmap = self._rowmap(layer, x, B, test=self._mode == "test")
-            except AmbiguousLayout:
-                return None  # decided in capture()
-            if rowmap.expand_to is not None:
-                return (layer.adapter.expand(x, rowmap.expand_to),) + tuple(args[1:]), kwargs
-            return None
-
-        return pre
-
     def _make_forward_hook(self, layer: _Layer) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
             if self._mode == "off" or not torch.is_grad_enabled() or not inputs or not isinstance(output, torch.Tensor):
                 return None
-            if not isinstance(inputs[0], torch.Tensor):
+            x = inputs[0]
+            if not isinstance(x, torch.Tensor):
                 raise RecorderError(f"layer {layer.name!r} was called without a tensor as its first argument")
-            return self.capture(layer, inputs[0], output)
+            B = self._batch_size()
+            if layer.adapter.rule is None and B is not None and not (self._mode == "train" and layer.name in self._rows):
+                try:
+                    rowmap = self._rowmap(layer, x, B, test=self._mode == "test")
+                except AmbiguousLayout:
+                    rowmap = None  # decided in capture()
+                if rowmap is not None and rowmap.expand_to is not None:
+                    # An input shared by the batch ([1, ...]): run the layer again on it expanded to
+                    # [B, ...], so that every example gets its own row, pattern and error signal.
+                    # (Done here, not in a pre-hook: a pre-hook on every layer costs every step.)
+                    x = layer.adapter.expand(x, rowmap.expand_to)
+                    output = module.forward(x, *inputs[1:])
+            return self.capture(layer, x, output)
 
         return hook
 
@@ -648,6 +643,8 @@ class Recorder:
         keys = adapter.keys(autograd_input(x.detach(), adapter))
         call = _Call(keys, rowmap, ids, adapter.output_rows, self.check)
         call.candidates, call.ambiguity = candidates, ambiguity
+        if candidates is not None:
+            self._undecided = True
         layer.calls.append(call)
         # Not output.register_hook: with in-place changes through views of the output
         # (embeddings plus positions, reshapes) the tensor hook can miss its gradient.
@@ -655,6 +652,7 @@ class Recorder:
         if self.check.current is not None:
             call.check_out = wrapped
             self.check.note_call(call)
+            self._checked_forward = True
         return wrapped
 
     def _arm_check(self) -> None:
@@ -695,15 +693,11 @@ class Recorder:
             lr, mu, damp, nest, wd, maxim = hyper
             active = layer.params[0].grad is not None
             layer.calls = [c for c in layer.calls if c.grad is not None]  # forwards without backward add nothing
-            if active and not all(bool(torch.isfinite(c.grad).all()) for c in layer.calls):
-                raise RecorderError(f"layer {layer.name!r} step {self.step_count}: the optimizer is about to apply a "
-                                    "non-finite gradient (inf/NaN); with mixed precision use torch.amp.GradScaler, "
-                                    "which skips such steps")
-            if self.check.enabled:
+            if self.check.enabled and self._checked_forward:
                 failure = self.check.compare(layer.name, layer.calls, _Call.example_ids)
                 if failure:
                     raise RecorderError(failure)
-            for c in layer.calls:
+            for c in (layer.calls if self._undecided else ()):
                 if c.candidates is not None:  # the check could not run on this call: nothing decided it
                     why = next(iter(self.check.skipped), "the loss must use the model's output")
                     raise RecorderError(f"{c.ambiguity}; the attribution check could not tell the layouts apart at "
@@ -720,6 +714,8 @@ class Recorder:
                         head.probe = make_probe(head.adapter, head.params[0])
                     layer.probe = head.probe[:-1].contiguous()
             actual = layer.adapter.project_grad(layer.probe) if active else None
+            if active and self.step_count < EAGER_STEPS and not bool(torch.isfinite(actual).all()):
+                raise self._non_finite(layer.name)
             record = StepRecord(lr, mu, damp, nest, wd, maxim, active, 1.0)
             bias_record = None
             if layer.spec.bias:
@@ -741,6 +737,7 @@ class Recorder:
                 measure_scales(lay.adapter, lay.probe, [PendingStep(self.step_count, lay.calls, act)],
                                partner=(emb.adapter, emb.probe, [PendingStep(self.step_count, emb.calls, emb_act)]))
         self.check.step_done(self.step_count)
+        self._checked_forward = self._undecided = False
         # Appended in the post-hook, once the step has really happened.
         self._pending_records = records
         self._in_step = True
@@ -795,9 +792,9 @@ class Recorder:
             if failures and strict:
                 first_failure = first_failure or failures[0]
             for p, sc in zip(pending, scales):
-                layer.steps[p.step] = dataclasses.replace(layer.steps[p.step], scale=float(sc))
+                layer.steps[p.step].scale = float(sc)
                 if layer.bias_steps:  # clipping and loss scaling rescale the bias's gradient alike
-                    layer.bias_steps[p.step] = dataclasses.replace(layer.bias_steps[p.step], scale=float(sc))
+                    layer.bias_steps[p.step].scale = float(sc)
             calls = [c for p in pending for c in p.calls]
             if not calls:
                 continue

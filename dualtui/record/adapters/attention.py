@@ -16,6 +16,8 @@ attribution check.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import contextlib
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -51,7 +53,7 @@ class ProjectionAdapter(LinearMath, Adapter):
         self.in_features = E if self.packed else int(self.weight_param.shape[1])
         self.bias_param = m.in_proj_bias
 
-    @property
+    @cached_property
     def spec(self) -> LayerSpec:
         E = self.module.embed_dim
         spec = LayerSpec(self.name, self.kind, self.in_features, E, self.bias_param is not None, 0, 1)
@@ -60,7 +62,7 @@ class ProjectionAdapter(LinearMath, Adapter):
             spec.extra["parameter_rows"] = [self.part * E, (self.part + 1) * E]
         return spec
 
-    @property
+    @cached_property
     def params(self) -> list[torch.Tensor]:
         return [self.weight_param] + ([self.bias_param] if self.bias_param is not None else [])
 
@@ -121,7 +123,7 @@ class OutProjectionAdapter(ProjectionAdapter):
         self.bias_param = module.out_proj.bias
         self.in_features = module.embed_dim
 
-    @property
+    @cached_property
     def spec(self) -> LayerSpec:
         E = self.module.embed_dim
         return LayerSpec(self.name, self.kind, E, E, self.bias_param is not None, 0, 1)

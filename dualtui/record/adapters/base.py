@@ -169,10 +169,14 @@ class LinearMath:
         return self.spec.in_features + 1  # the last row is the bias's (a constant input 1)
 
     def linear_project_grad(self, probe: torch.Tensor) -> torch.Tensor:
-        actual = self.weight_grad().reshape(self.spec.out_features, -1) @ probe[:-1]  # [out, 2]
+        parts = getattr(self, "_probe_parts", None)
+        if parts is None or parts[0] is not probe:  # the weight rows and the bias row, contiguous, once
+            parts = self._probe_parts = (probe, probe[:-1].contiguous(), probe[-1].contiguous())
+        g = self.weight_grad()
+        actual = (g if g.dim() == 2 else g.reshape(g.shape[0], -1)) @ parts[1]  # [out, 2]
         bg = self.bias_grad()
         if bg is not None:
-            actual.addr_(bg, probe[-1])
+            actual.addr_(bg, parts[2])
         return actual
 
     def linear_project_patterns(self, keys, grads, seg, steps, probe):

@@ -9,6 +9,8 @@ to find the patch on the input (kernel, stride, padding, dilation)."""
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,7 +56,7 @@ class ConvAdapter(LinearMath, Adapter):
         k = self.module.kernel_size
         return k[0] * (k[1] if self.two_d else 1)
 
-    @property
+    @cached_property
     def spec(self) -> LayerSpec:
         m = self.module
         spec = LayerSpec(self.name, self.kind, self._in_per_group * self.taps, self._out_per_group, m.bias is not None, 0, 1)
@@ -65,7 +67,7 @@ class ConvAdapter(LinearMath, Adapter):
                               "in_channels": m.in_channels, "out_channels": m.out_channels}
         return spec
 
-    @property
+    @cached_property
     def params(self) -> list[torch.Tensor]:
         m = self.module
         return [m.weight] + ([m.bias] if m.bias is not None else [])

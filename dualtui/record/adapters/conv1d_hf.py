@@ -5,6 +5,8 @@ importing `transformers` (an optional dependency): a module called Conv1D with `
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
@@ -36,14 +38,14 @@ class Conv1DAdapter(LinearAdapter):
     def matches(module: nn.Module) -> bool:
         return _looks_like_conv1d(module)
 
-    @property
+    @cached_property
     def spec(self) -> LayerSpec:
         w = self.module.weight
         spec = LayerSpec(self.name, self.kind, int(w.shape[0]), int(w.shape[1]), True, 0, 1)
         spec.extra["module_layout"] = "[in, out] (transformers Conv1D; stored here as [out, in])"
         return spec
 
-    @property
+    @cached_property
     def params(self) -> list[torch.Tensor]:
         return [self.module.weight, self.module.bias]
 

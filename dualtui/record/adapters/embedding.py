@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
@@ -27,12 +29,12 @@ class EmbeddingAdapter(Adapter):
     def matches(module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
 
-    @property
+    @cached_property
     def spec(self) -> LayerSpec:
         m = self.module
         return LayerSpec(self.name, self.kind, m.num_embeddings, m.embedding_dim, False, 0, 1)
 
-    @property
+    @cached_property
     def params(self) -> list[torch.Tensor]:
         return [self.module.weight]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
@@ -18,12 +20,12 @@ class LinearAdapter(LinearMath, Adapter):
     def matches(module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
 
-    @property
+    @cached_property
     def spec(self) -> LayerSpec:
         m = self.module
         return LayerSpec(self.name, self.kind, m.in_features, m.out_features, m.bias is not None, 0, 1)
 
-    @property
+    @cached_property
     def params(self) -> list[torch.Tensor]:
         m = self.module
         return [m.weight] + ([m.bias] if m.bias is not None else [])

@@ -16,6 +16,8 @@ kernel's is far inside the gradient-scale check's allowance.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 
 
 import torch
@@ -45,13 +47,13 @@ class NormAdapter(Adapter):
     def rule(self) -> str | None:  # type: ignore[override]
         return "batch-first" if self.channel_axis else None  # PyTorch's [N, C, ...]: axis 0 is the batch
 
-    @property
+    @cached_property
     def spec(self) -> LayerSpec:
         C = self.module.weight.numel()
         return LayerSpec(self.name, self.kind, C, C, getattr(self.module, "bias", None) is not None, 0, 1,
                          {"norm": type(self.module).__name__})
 
-    @property
+    @cached_property
     def params(self) -> list[torch.Tensor]:
         b = getattr(self.module, "bias", None)
         return [self.module.weight] + ([b] if b is not None else [])
