@@ -443,3 +443,47 @@ def test_lstm_is_refused_when_named_and_said_when_left(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"not covered by the dual form: lstm.weight_ih_l0, .*LSTM 'lstm' keeps"):
         rec = Recorder(model, opt, tmp_path / "l.safetensors")
     rec.abort()
+
+
+def test_conv_and_attention_scores_match_brute_force(tmp_path: Path) -> None:
+    """attention k·q + 1, magnitude |α|‖v‖, effect Σ_r α_r (v·g_r) of a convolution's patterns
+    (every output position of a test image is a query row) and of an attention projection,
+    recomputed in numpy from the stored tensors."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # [N, positions, 4]
+            return self.head(self.mha(h, h, h)[0].mean(1))
+
+    model = Net()
+    batches, X, _ = _batches(lambda n, g: torch.randn(n, 2, 4, 4, generator=g), 12, 4, 4)
+    rec = run(model, batches, path=tmp_path / "b.safetensors")
+    rec.record_test(X[:2], torch.zeros(2, dtype=torch.long))
+    rec.close()
+    b = Bundle.open(tmp_path / "b.safetensors")
+    for L in ("conv", "mha.v_proj"):
+        K = np.concatenate([c.keys for c in b.chunks(L)])
+        V = np.concatenate([c.values for c in b.chunks(L)])
+        item = b.array(f"queries/test/layer/{L}/item")
+        Q, G = b.array(f"queries/test/layer/{L}/query"), b.array(f"queries/test/layer/{L}/grad")
+        focus = b.array(f"queries/test/layer/{L}/focus")
+        for m in range(2):
+            rows = np.nonzero(item == m)[0]
+            assert len(rows) == 16  # every output position (conv) / every position of the sequence (attention)
+            A = K @ Q[rows].T + 1.0
+            f = int(np.nonzero(rows == focus[m])[0][0])
+            want = {"attention": A[:, f], "magnitude": np.abs(A[:, f]) * np.linalg.norm(V, axis=1),
+                    "effect": (A * (V @ G[rows].T)).sum(1)}
+            res = spotlights(b, L, [m], top=4, groups=["pattern"], reverse=(False, True), device="cpu")[0]
+            for score, w in want.items():
+                for rev in (False, True):
+                    got = [r.score for r in res.ranked[(score, "pattern", rev)]]
+                    expect = (np.sort(w)[:4] if rev else np.sort(w)[::-1][:4])
+                    np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-12)
