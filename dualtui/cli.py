@@ -59,6 +59,7 @@ def handles_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from .bundle.errors import BundleError
+        from .bundle.writer import OutputError
         from .record.errors import RecorderError
 
         try:
@@ -67,13 +68,16 @@ def handles_errors(fn: Callable) -> Callable:
             raise
         except BundleError as e:
             fail(ExitCode.INVALID_BUNDLE, str(e))
+        except OutputError as e:
+            fail(ExitCode.OUTPUT, str(e))
         except RecorderError as e:  # a recording that cannot stay exact stops with its reason
             fail(ExitCode.CHECK_FAILED, str(e))
         except UsageError as e:
             fail(ExitCode.USAGE, str(e))
-        except KeyboardInterrupt:
-            print("dualtui: interrupted", file=sys.stderr)
-            raise typer.Exit(int(ExitCode.INTERRUPTED))
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", None)
+            print(f"dualtui: interrupted{f' ({e})' if signum else ''}", file=sys.stderr)
+            raise typer.Exit(128 + signum if signum else int(ExitCode.INTERRUPTED))
         except MemoryError:
             fail(ExitCode.CHECK_FAILED, "out of memory")
         except OSError as e:
@@ -289,6 +293,11 @@ class StorageDtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+FORCE_OPT = typer.Option(False, "--force", help="Replace an existing bundle at the output (a complete run only).")
+JOURNAL_OPT = typer.Option(1024, "--journal-every", min=1, help="Bring the recovery journal up to date every N steps "
+                           "(and every 60 s): what a SIGKILL can lose; `dualtui recover` finishes it.")
+
+
 @record_app.command("digits")
 @handles_errors
 def record_digits_cmd(
@@ -303,23 +312,39 @@ def record_digits_cmd(
     clip_norm: Optional[float] = typer.Option(None, min=0.0, help="Clip the global gradient norm to this value."),
     dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype of keys and values."),
     seed: int = typer.Option(0),
+    force: bool = FORCE_OPT,
+    journal_every: int = JOURNAL_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """An MLP (64→H→H→10, SGD with momentum) on scikit-learn's 1,797 real 8×8 digits."""
     from .record.digits import record_digits
 
-    out_path = _bundle_output(output or Path(f"digits-{setting.value}.safetensors"))
+    # patterns: 1,437 training images × epochs (× 2 tasks' phases in continual), 3 layers
+    item = 4 if dtype.value == "float32" else 2
+    per = sum(item * (i + o) + 16 for i, o in ((64, hidden), (hidden, hidden), (hidden, 10)))
+    estimate = int(per * 1437 * epochs * (1 if setting.value != "continual" else 1))
+    out_path = _bundle_output(output or Path(f"digits-{setting.value}.safetensors"), force, estimate)
     err = _stderr()
     with _training_progress(err) as on_step:
         result = record_digits(out_path, setting.value, epochs=epochs, hidden=hidden, batch_size=batch_size, lr=lr,
                                momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm,
-                               storage_dtype=dtype.value, seed=seed, on_step=on_step)
+                               storage_dtype=dtype.value, seed=seed, on_step=on_step, journal_every=journal_every)
     _report_recording(err, result, {}, "test accuracy", as_json)
 
 
-def _bundle_output(path: Path) -> Path:
+def _bundle_output(path: Path, force: bool, estimate: int | None = None) -> Path:
+    """The output of a built-in recording, checked before anything trains: the folder exists
+    and is writable, no bundle is replaced without --force, and a warning when the disk is
+    short of the estimated size."""
+    from .bundle.writer import OutputError, check_output, exists_bundle
+
     if not str(path).endswith(".safetensors"):
         raise UsageError(f"--output must end in .safetensors: {path}")
+    for warning in check_output(path, estimate):
+        print(f"dualtui: warning: {warning}", file=sys.stderr)
+    if exists_bundle(path) and not force:
+        raise OutputError(f"{path} exists: pass --force to replace it (an interrupted run would write "
+                          f"{path.name[:-len('.safetensors')]}.partial.safetensors beside it instead)")
     return path
 
 
@@ -360,7 +385,8 @@ def _stop_for_test() -> None:
 def _report_recording(err: Any, result: Any, extra: dict, accuracy_label: str, as_json: bool) -> None:
     """The summary of a built-in recording (JSON on stdout with --json), accuracy per task on
     stderr, and exit 130 after an interrupt (the bundle of the completed steps is written)."""
-    summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted, **extra,
+    summary = {"bundle": str(result.path), "steps": result.steps, "interrupted": result.interrupted,
+               "signal": result.signal, **extra,
                "test_accuracy": result.accuracy, "test_query_bytes": result.query_bytes}
     if as_json:
         _emit_json(summary)
@@ -369,9 +395,17 @@ def _report_recording(err: Any, result: Any, extra: dict, accuracy_label: str, a
     if result.query_bytes is not None:
         err.print(f"test queries: every query row of every layer, {_human_bytes(result.query_bytes)}")
     if result.interrupted:
-        err.print(f"interrupted after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
+        import signal as signal_mod
+
+        name = signal_mod.Signals(result.signal).name if result.signal else "SIGINT"
+        err.print(f"interrupted by {name} after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
+        raise typer.Exit(128 + result.signal if result.signal else int(ExitCode.INTERRUPTED))
     err.print(f"wrote {result.path} ({result.steps} steps)")
+    if result.signal:  # it came while the complete bundle was being written: that finished first
+        import signal as signal_mod
+
+        err.print(f"{signal_mod.Signals(result.signal).name} arrived while the bundle was written; it is complete")
+        raise typer.Exit(128 + result.signal)
 
 
 @record_app.command("text")
@@ -395,6 +429,8 @@ def record_text_cmd(
     max_chars: Optional[int] = typer.Option(None, min=1, help="Use only the first N characters of each corpus."),
     dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype of keys and values."),
     seed: int = typer.Option(0),
+    force: bool = FORCE_OPT,
+    journal_every: int = JOURNAL_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """A character-level causal Transformer (SGD with momentum) on real text; every weight is recorded.
@@ -413,13 +449,13 @@ def record_text_cmd(
     except CorpusError as e:  # an unusable corpus is a bad input file, like a bad bundle
         fail(ExitCode.INVALID_BUNDLE, str(e))
     stem = sources[0].name if len(sources) == 1 else "corpora"
-    out_path = _bundle_output(output or Path(f"text-{stem}.safetensors"))
     cfg = TextConfig(context=context, width=width, blocks=blocks, heads=heads, steps=steps, batch_size=batch_size, lr=lr,
                      momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm or None, tests=tests, max_chars=max_chars,
-                     storage_dtype=dtype.value, seed=seed)
+                     storage_dtype=dtype.value, seed=seed, journal_every=journal_every)
+    est = estimate_bytes(cfg, len(windows.vocab.tokens))
+    out_path = _bundle_output(output or Path(f"text-{stem}.safetensors"), force, est.total)
     err = _stderr()
     command = "dualtui record text " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["record", "text"] else None
-    est = estimate_bytes(cfg, len(windows.vocab.tokens))
     err.print(f"recording {steps * batch_size * context:,} training tokens × {est.layers} layers ≈ {_human_bytes(est.total)} "
               f"({est.per_token:,.0f} B per token)")
     with _training_progress(err) as on_step:
@@ -432,6 +468,36 @@ def record_text_cmd(
     else:
         err.print("no step completed: nothing was trained")
     _report_recording(err, result, {"train_loss": result.train_loss}, "next-character accuracy", as_json)
+
+
+@app.command()
+@handles_errors
+def recover(
+    path: Path = typer.Argument(..., help="The output path of a recording that never finished, or its spool folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the bundle (default: the recording's own "
+                                          "output, or NAME.partial.safetensors when a bundle is already there)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+) -> None:
+    """Write the bundle of the journaled steps of a recording killed before it could (SIGKILL, OOM, power).
+
+    The spool of a recording is a journal brought up to date every --journal-every steps
+    (Recorder(journal_every=..., journal_seconds=...)); the bundle covers the steps up to its
+    last update and verifies like any other. The spool is removed once the bundle is written.
+    """
+    from .record.errors import RecorderError
+    from .record.journal import recover as recover_journal
+
+    from .bundle.writer import check_output
+
+    if output is not None:
+        check_output(output)  # a missing folder or a directory path: said before anything is read
+    try:
+        written, state = recover_journal(path, output)
+    except RecorderError as e:  # no journal, or one that cannot be read: a bad input
+        fail(ExitCode.INVALID_BUNDLE, str(e))
+    if as_json:
+        _emit_json({"bundle": str(written), "steps": state["step"]})
+    print(f"recovered {state['step']} journaled steps to {written}", file=sys.stderr)
 
 
 @app.command("open")

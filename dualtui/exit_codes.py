@@ -8,4 +8,5 @@ class ExitCode(IntEnum):
     CHECK_FAILED = 1  # e.g. verify out of tolerance
     USAGE = 2  # unknown layer, index out of range, bad option value
     INVALID_BUNDLE = 3  # unreadable or invalid bundle / input file
-    INTERRUPTED = 130
+    OUTPUT = 4  # the output cannot be written: missing folder, no permission, disk full, busy
+    INTERRUPTED = 130  # SIGINT; SIGTERM exits 143 and SIGHUP 129 (128 + the signal's number)

@@ -462,7 +462,9 @@ def test_crash_in_write_file_leaves_old_bundle_untouched(tmp_path: Path, monkeyp
     monkeypatch.setattr(writer_mod, "write_file", crashing)
     writer = BundleWriter(final, chunk_bytes=200, max_shard_bytes=600 if sharded else 4 << 30)
     manifest, static = _writer_inputs(writer)
-    with pytest.raises(OSError):
+    from dualtui.bundle.writer import OutputError
+
+    with pytest.raises(OutputError, match=r"no space left on the device writing .*run\.safetensors"):
         writer.finalize(manifest, static, lambda layer, v, s: v)
     assert len(calls) == (2 if sharded else 1)
     assert _visible(tmp_path) == set(old_files)

@@ -39,7 +39,7 @@ def interrupt_recording(tmp_path: Path, args: list[str], after: int) -> tuple[di
             proc.kill()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert f"interrupted after {after} steps" in stderr
+    assert f"after {after} steps; wrote a bundle of the completed steps" in stderr
     verify = subprocess.run([exe, "verify", str(out), "--json"], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     info = json.loads(subprocess.run([exe, "info", str(out), "--json"], capture_output=True, text=True).stdout)

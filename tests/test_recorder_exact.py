@@ -889,7 +889,8 @@ def test_chunked_and_sharded_bundles_read_back_equal_to_unchunked() -> None:
         assert idx.exists() and not (d / "sharded.safetensors").exists()
         shards = sorted(p.name for p in d.glob("sharded-*-of-*.safetensors"))
         n = len(shards)
-        assert n >= 2 and shards == [f"sharded-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        gen = shards[0].split("-")[1]  # one generation tag for the whole set (atomic replacement)
+        assert n >= 2 and shards == [f"sharded-{gen}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         index = json.loads(idx.read_text())
         assert set(index["weight_map"].values()) == set(shards) and "dualtui" in index["metadata"]
         for run, path in ((chunked, d / "chunked.safetensors"), (sharded, d / "sharded.safetensors")):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .recorder import Recorder
+from .recorder import Recorder, interruption
 
 SETTINGS = ("single", "multitask", "continual")
 TWO_TASKS = ["digits 0-4", "digits 5-9"]
@@ -87,6 +87,7 @@ class DigitsResult:
     accuracy: dict[str, float]  # per task name, plus "all"
     interrupted: bool = False
     query_bytes: int | None = None  # bytes of the recorded test set (queries and their gradients)
+    signal: int | None = None  # what interrupted training (SIGINT, SIGTERM, SIGHUP)
 
 
 def record_digits(
@@ -106,6 +107,7 @@ def record_digits(
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     check_attribution: bool = True,
+    journal_every: int = 1024,
 ) -> DigitsResult:
     """Train on digits (recording the dual form unless record=False) and write the bundle.
 
@@ -128,7 +130,7 @@ def record_digits(
             tasks=data.tasks, classes=[str(i) for i in range(10)],
             input={"kind": "image", "shape": [8, 8]},
             storage_dtype=storage_dtype, clip_norm=clip_norm, output_layout="batch-first",
-            check_attribution=check_attribution,
+            check_attribution=check_attribution, journal_every=journal_every,
             train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
             training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
                       "epoch_end_steps": epoch_ends,
@@ -139,6 +141,7 @@ def record_digits(
                                   "command": f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"}},
         )
     interrupted = False
+    signum = None
     try:
         model.train()
         if on_step:
@@ -157,24 +160,38 @@ def record_digits(
                 on_step(s + 1, len(batches))
             if on_epoch and s + 1 in epoch_ends:
                 on_epoch(epoch_ends.index(s + 1) + 1, model, opt)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         interrupted = True
+        signum = getattr(e, "signum", None)
         if rec:
-            rec.interrupted = "KeyboardInterrupt"
+            rec.interrupted = interruption(e)
+    except BaseException as e:
+        if rec:  # keep every completed step (a full disk: close() says what it kept)
+            rec.interrupted = type(e).__name__
+            rec.close()
+        raise
     try:
         if rec:
             preds = rec.record_test(data.x_test, data.y_test, data.task_test, preview=data.img_test)
         else:
             with torch.no_grad():
                 preds = model.eval()(data.x_test).argmax(-1).numpy()
+    except KeyboardInterrupt as e:  # while the test queries were recorded: the bundle goes without them
+        interrupted, preds = True, None
+        signum = signum or getattr(e, "signum", None)
+        if rec:
+            rec.interrupted = rec.interrupted or interruption(e)
     finally:
         path = rec.close() if rec else Path(out)
-    correct = preds == data.y_test.numpy()
-    acc = {name: float(correct[data.task_test.numpy() == k].mean()) for k, name in enumerate(data.tasks)}
-    acc["all"] = float(correct.mean())
+    signum = signum or (rec.late_signal if rec else None)
+    acc: dict[str, float] = {}
+    if preds is not None:
+        correct = preds == data.y_test.numpy()
+        acc = {name: float(correct[data.task_test.numpy() == k].mean()) for k, name in enumerate(data.tasks)}
+        acc["all"] = float(correct.mean())
     steps = rec.step_count if rec else len(batches)
     qbytes = rec.query_sets["test"].bytes if rec and "test" in rec.query_sets else None
-    return DigitsResult(Path(path), steps, acc, interrupted, qbytes)
+    return DigitsResult(Path(path), steps, acc, interrupted, qbytes, signum)
 
 
 class _null:

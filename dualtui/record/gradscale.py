@@ -10,7 +10,7 @@ primal == dual, while the attribution check (attribution.py) proves which exampl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,11 +52,13 @@ def _projected(adapter: Adapter, probe: torch.Tensor, pending: list[PendingStep]
 
 
 def measure_scales(adapter: Adapter, probe: torch.Tensor, pending: list[PendingStep],
-                   failures: list[str] | None = None, partner: tuple | None = None) -> np.ndarray:
+                   failures: list[str] | None = None, partner: tuple | None = None,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """grad = scale·Σ g kᵀ per pending step. A step that is not such a multiple raises (or, with
     `failures` given, is appended there and keeps its least-squares scale). `partner`: the
     (adapter, probe, pending) of the other use of a tied weight, whose patterns add to the same
-    gradient (its steps aligned with `pending`)."""
+    gradient (its steps aligned with `pending`). `reduce`: the sum over the ranks of a
+    data-parallel run (distributed.World.all_sum): `.grad` is then the ranks' average."""
     name = adapter.name
     w = adapter.params[0]
     S = len(pending)
@@ -67,6 +69,8 @@ def measure_scales(adapter: Adapter, probe: torch.Tensor, pending: list[PendingS
         r2, m2 = _projected(p_adapter, p_probe, p_pending, w.device)
         recorded, magnitude = recorded + r2, magnitude + m2
         calls = calls + [c for p in p_pending for c in p.calls]
+    if reduce is not None:  # every rank's patterns made the (all-reduced) gradient
+        recorded, magnitude = reduce(recorded), reduce(magnitude)
     rows = adapter.projected_rows
     actual = torch.stack([p.actual for p in pending]).to(torch.float64).view(S, rows, 2)
     aa = (actual * actual).sum((1, 2))

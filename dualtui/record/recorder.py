@@ -21,27 +21,53 @@ ids are right), `queries.py` (query sets), `coefficients.py` (the SGD family's s
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
+import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..bundle.manifest import INPUT_KINDS, LayerSpec, Manifest, QuerySetSpec, bad_layer_name
-from ..bundle.writer import STORAGE_DTYPES, BundleWriter
+from ..bundle.manifest import INPUT_KINDS, LayerSpec, QuerySetSpec, bad_layer_name
+from ..bundle.writer import STORAGE_DTYPES, BundleWriter, OutputError
 from .adapters import Adapter, AdapterError, adapter_class, recordable_kinds, unsupported_reason
 from .adapters.base import autograd_input
 from .attribution import AttributionCheck, make_schedule
 from .coefficients import StepRecord, sgd_coefficients
+from .distributed import detect, rank_spools, unwrap
 from .errors import RecorderError
 from .gradscale import PendingStep, make_probe, measure_scales
+from .journal import bias_chain, compose, write_merged, restore_check, state_of_check, steps_from_json, steps_json
 from .layout import AmbiguousLayout, LayoutError, RowMap, check_layouts, declared_rule, explicit, resolve
 from .queries import QuerySetInfo, record_query_set
+
+HANDLED_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends training (SIGINT, SIGTERM, SIGHUP): handled like Ctrl-C, and remembered
+    so a command line can exit with the conventional 128 + signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interruption(exc: BaseException | None) -> str:
+    """How the manifest names what stopped training."""
+    if isinstance(exc, Interrupted):
+        return "KeyboardInterrupt" if exc.signum == signal.SIGINT else signal.Signals(exc.signum).name
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt"
+    return type(exc).__name__ if exc is not None else "unknown"
+
 
 class NotCovered(UserWarning):
     """Trained parameters that the recorded dual form will not describe (said when recording starts)."""
@@ -202,6 +228,11 @@ class Recorder:
     check_attribution: True (default: steps 0, 1, 2, 4, 8, ...), False, every N steps, a list of
         steps, or a function of the step: when to prove the example ids (attribution.py).
     positions: store each pattern's position within its example (default: text runs only).
+    journal_every / journal_seconds: how often the spool's journal is brought up to date (the
+        steps a SIGKILL can lose: at most that many steps or seconds of training, whichever
+        comes first); `dualtui recover` finishes a journal.
+    resume: `rec.state_dict()` of an interrupted recording, saved beside the model's and the
+        optimizer's checkpoint: the recording continues in the same spool from that step.
     """
 
     def __init__(
@@ -227,6 +258,9 @@ class Recorder:
         output_layout: str | None = None,
         check_attribution: bool | int | Sequence[int] | Callable[[int], bool] = True,
         positions: bool | None = None,
+        journal_every: int = 1024,
+        journal_seconds: float = 60.0,
+        resume: dict | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -237,6 +271,12 @@ class Recorder:
                 f"{REFUSED_OPTIMIZERS} rescale each weight coordinate separately, so an update is no longer "
                 f"an outer product of a key and a value"
             )
+        wrapper = model
+        model = unwrap(model)  # DistributedDataParallel: its .module, so names match a 1-process run
+        # Several processes (torch.distributed): each rank records its own patterns and the
+        # ranks' journals become one bundle (distributed.py).
+        self.world = detect()
+        self._reduce = self.world.all_sum if self.world else None
         if storage_dtype is None:  # a float64 model is stored in float64, so verify reaches ~1e-12
             storage_dtype = "float64" if any(p.dtype == torch.float64 for p in model.parameters()) else "float32"
         if storage_dtype not in STORAGE_DTYPES:
@@ -283,7 +323,10 @@ class Recorder:
         self.query_tensors: dict[str, dict[str, np.ndarray]] = {}
         self.query_sets: dict[str, QuerySetInfo] = {}
         self._in_step = False
-        self._pending_interrupt = False
+        self._finalizing = False
+        self._pending_interrupt = 0  # a signal number, deferred until the step / the write is done
+        self.late_signal: int | None = None  # one that came while close() wrote the bundle
+        self._checkpointed, self._checkpointed_step = False, 0  # state_dict() was taken
         self._mode = "train"  # "train" | "test" (record_test) | "off"
         self._test_batch = 0
         self._test_seen: list = []
@@ -293,15 +336,32 @@ class Recorder:
         self.skipped_steps = 0  # optimizer steps that never happened (GradScaler found inf/NaN)
 
         self._unrecordable: dict[str, str] = {}  # modules of a recordable kind in a configuration it cannot record
+        # a copy: the recording goes on changing its state, the caller's checkpoint must not
+        self._resume = self._check_resume(copy.deepcopy(resume), path) if resume is not None else None
         self.layers = self._select_layers(layers)
         bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # batch statistics (training mode, or no running statistics) couple the examples
         self.check.batch_norms = lambda: [n for n, m in bns if m.training or not m.track_running_stats]
-        self.writer = BundleWriter(path, storage_dtype=storage_dtype, chunk_bytes=chunk_bytes, max_shard_bytes=max_shard_bytes)
+        try:
+            self.writer = BundleWriter(path, storage_dtype=storage_dtype, chunk_bytes=chunk_bytes,
+                                       max_shard_bytes=max_shard_bytes,
+                                       spool=Path(self._resume["spool"]) if self._resume else None,
+                                       lock=self.world is None or self.world.rank == 0,
+                                       spool_tag=self.world.spool_tag if self.world else "")
+        except ValueError as e:
+            raise RecorderError(str(e)) from None
+        if journal_every < 1 or journal_seconds <= 0:
+            raise RecorderError("journal_every must be >= 1 and journal_seconds > 0")
+        self.journal_every, self.journal_seconds = int(journal_every), float(journal_seconds)
+        self._arrays: dict[str, str] = {}  # journal key -> file in the spool
+        self._live: dict[str, np.ndarray] = {}  # the same arrays, held for close()
+        if self._resume:
+            self._restore(self._resume)
         for layer in self.layers.values():
             # a convolution's pattern is an output position: always stored (the patch's place on the input)
             layer.with_position = self.positions or layer.adapter.kind == "conv"
-            self.writer.add_layer(layer.spec, with_position=layer.with_position)
+            if not self._resume:
+                self.writer.add_layer(layer.spec, with_position=layer.with_position)
             if layer.adapter.hooked:
                 layer.handles = [layer.module.register_forward_hook(self._make_forward_hook(layer))]
             else:
@@ -315,13 +375,33 @@ class Recorder:
         self._post = optimizer.register_step_post_hook(self._after_step)
         # A step GradScaler skips (inf/NaN gradients) runs neither hook: its calls would leak into
         # the next step. zero_grad() is where a training loop says "this step is over".
-        self._zero_grad_owners = [optimizer, model]
+        self._zero_grad_owners = [optimizer, model] + ([wrapper] if wrapper is not model else [])
         for owner in self._zero_grad_owners:
             owner.zero_grad = self._make_zero_grad(owner.zero_grad)
-        self._old_sigint = None
+        self._old_handlers: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            # Ctrl-C inside optimizer.step() would leave weights half-updated; defer it to after the step.
-            self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            # Ctrl-C, a scheduler's SIGTERM, or SIGHUP when the SSH connection drops: the bundle of
+            # the completed steps is written; inside optimizer.step() (half-updated weights) and
+            # while the bundle is written the signal waits until that is done.
+            for sig in HANDLED_SIGNALS:
+                try:
+                    self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+                except (ValueError, OSError):
+                    pass
+        self._last_journal = time.monotonic()
+        self._journaled_step = -1
+        try:
+            if not self._resume:
+                self._save_once()
+            self._journal()  # from here on, a SIGKILL loses at most one journal interval
+        except OutputError as e:  # no room for even the first journal: refused before any step
+            self.closed = True
+            self._detach()
+            if self._resume:
+                self.writer.release()  # the checkpoint's spool stays as it was
+                raise
+            self.writer.abandon()
+            raise OutputError(f"{e}; nothing was recorded") from None
 
     # ------------------------------------------------------------------ set-up and validation
     def _check_input(self, inp: dict) -> dict:
@@ -450,7 +530,7 @@ class Recorder:
                 g = _group_of(self.optimizer, p)
                 if g is None:
                     raise RecorderError(f"layer {name!r} has a parameter the optimizer does not train; leave it out with layers=[...]")
-                if self.optimizer.state.get(p):
+                if self.optimizer.state.get(p) and self._resume is None:
                     raise RecorderError(f"layer {name!r}: the optimizer already has state (momentum); attach the Recorder before the first step")
                 groups.append(g)
             spec = adapter.spec
@@ -504,11 +584,12 @@ class Recorder:
         if dropped:
             self.skipped_steps += 1
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._in_step:
-            self._pending_interrupt = True
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Under torch.distributed a signal waits for the end of the step, where the ranks stop together.
+        if self._in_step or self._finalizing or self.world is not None:
+            self._pending_interrupt = signum
             return
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
 
     # ------------------------------------------------------------------ batches
     @contextlib.contextmanager
@@ -726,7 +807,8 @@ class Recorder:
                 bias_record = StepRecord(*bias_hyper, active and bias.grad is not None, 1.0)
             if active and self.step_count < EAGER_STEPS:
                 if layer.tie is None:
-                    measure_scales(layer.adapter, layer.probe, [PendingStep(self.step_count, layer.calls, actual)])  # raises before the update
+                    measure_scales(layer.adapter, layer.probe, [PendingStep(self.step_count, layer.calls, actual)],
+                                   reduce=self._reduce)  # raises before the update
                 else:  # checked for both uses together, once every layer has been seen (below)
                     eager_ties.append((layer, actual))
             records.append((record, actual, bias_record))
@@ -735,7 +817,8 @@ class Recorder:
             if lay.adapter.kind != "embedding":
                 emb, emb_act = by_name[self._partner(lay).name]
                 measure_scales(lay.adapter, lay.probe, [PendingStep(self.step_count, lay.calls, act)],
-                               partner=(emb.adapter, emb.probe, [PendingStep(self.step_count, emb.calls, emb_act)]))
+                               partner=(emb.adapter, emb.probe, [PendingStep(self.step_count, emb.calls, emb_act)]),
+                               reduce=self._reduce)
         self.check.step_done(self.step_count)
         self._checked_forward = self._undecided = False
         # Appended in the post-hook, once the step has really happened.
@@ -756,6 +839,10 @@ class Recorder:
         self._pending_records = []
         self.step_count += 1
         self._arm_check()
+        due = self._due_journal()
+        if self.world:  # collective calls follow: every rank decides alike (a signal on one stops all)
+            f, d, signum = self.world.max_of(flush, due, self._pending_interrupt)
+            flush, due, self._pending_interrupt = bool(f), bool(d), signum  # maybe another rank's signal
         try:
             if flush:
                 self._commit_pending()
@@ -763,9 +850,11 @@ class Recorder:
             # Ctrl-C stays deferred through the commit: pending patterns are popped before
             # they reach the spool, and an interrupt in between would lose them.
             self._in_step = False
+        if due:
+            self._journal()
         if self._pending_interrupt:
-            self._pending_interrupt = False
-            raise KeyboardInterrupt
+            signum, self._pending_interrupt = self._pending_interrupt, 0
+            raise Interrupted(signum)
 
     def _commit_pending(self, strict: bool = True) -> None:
         """Check the scales of the applied steps and move their patterns to the spool."""
@@ -783,11 +872,11 @@ class Recorder:
                 # One gradient, two uses: measured once, on the head, for both.
                 head, emb = (layer, partner) if layer.adapter.kind != "embedding" else (partner, layer)
                 scales = measure_scales(head.adapter, head.probe, ties[head.name], failures,
-                                        partner=(emb.adapter, emb.probe, ties[emb.name]))
+                                        partner=(emb.adapter, emb.probe, ties[emb.name]), reduce=self._reduce)
                 if layer is emb:
                     failures = []  # reported once, with the head
             else:
-                scales = measure_scales(layer.adapter, layer.probe, pending, failures)
+                scales = measure_scales(layer.adapter, layer.probe, pending, failures, reduce=self._reduce)
             self.check_failures.extend(failures)
             if failures and strict:
                 first_failure = first_failure or failures[0]
@@ -852,7 +941,22 @@ class Recorder:
         preds, _ = record_query_set(self, name, inputs, labels, tasks, preview=preview, forward=forward, read=read,
                                     focus=focus, target=target, rows=rows, examples=examples, batch_size=batch_size,
                                     batch_axis=batch_axis)
+        with self._signals_deferred():  # the set reaches the journal whole, or not at all
+            for key, array in self.query_tensors[name].items():  # journaled: a crash now keeps the set
+                self._save(key, array)
+            self._journal()
         return preds
+
+    @contextlib.contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        was, self._in_step = self._in_step, True
+        try:
+            yield
+        finally:
+            self._in_step = was
+        if not was and self._pending_interrupt and self.world is None:
+            signum, self._pending_interrupt = self._pending_interrupt, 0
+            raise Interrupted(signum)
 
     # ------------------------------------------------------------------ the dual form
     def coefficients(self, layer: str) -> tuple[float, np.ndarray]:
@@ -886,26 +990,12 @@ class Recorder:
 
     # ------------------------------------------------------------------ finishing
     def _bias_chain(self, lay: _Layer, C: np.ndarray) -> tuple[float | None, np.ndarray | None]:
-        """The bias's initial factor and, when its chain differs from the weight's, the per-step
-        ratio of its coefficient to the weight's (docs/format.md: layer/<L>/bias_scale): then
-        b_T = b0 + Σ_t bias_scale[step_t] v_t, and a pattern's attention is k·q + bias_scale."""
-        if not lay.spec.bias or not lay.bias_steps:
+        """The bias's own coefficient chain (journal.bias_chain)."""
+        if not lay.spec.bias:
             return None, None
-        a_b, C_b = sgd_coefficients(lay.bias_steps)
-        if np.array_equal(C_b, C):
-            return a_b, None
-        ratio = np.ones(len(C), dtype=np.float64)
-        nz = C != 0
-        ratio[nz] = C_b[nz] / C[nz]
-        stuck = ~nz & (C_b != 0)
-        if stuck.any():  # cannot happen with a trained weight; say so rather than hide it
-            self.check_failures.append(f"layer {lay.name!r}: the bias moved at steps where the weight did not "
-                                       f"(first: step {int(np.nonzero(stuck)[0][0])}); its dual form is incomplete")
-            ratio[stuck] = 0.0
-        ratio[~nz & (C_b == 0)] = 0.0
-        return a_b, ratio
+        return bias_chain(C, lay.bias_steps, lay.name, [])
 
-    def _train_tables(self) -> dict[str, np.ndarray]:
+    def _train_tables(self, with_input: bool = True) -> dict[str, np.ndarray]:
         n = 0
         for t in (self._train_labels, self._train_tasks):
             if t is not None:
@@ -915,10 +1005,7 @@ class Recorder:
         for ex, _ in self._labels + self._tasks_of:
             if ex.numel():
                 n = max(n, int(ex.max()) + 1)
-        for layer in self.layers.values():
-            for chunk in self.writer.iter_chunks(layer.name):
-                if len(chunk["example"]):
-                    n = max(n, int(chunk["example"].max()) + 1)
+        n = max(n, self.writer.max_example + 1)  # tracked as patterns are spooled: no pass over the chunks
         for static in self.query_tensors.values():
             for key, a in static.items():
                 if key.endswith("/example") and a.size:
@@ -934,7 +1021,7 @@ class Recorder:
         for ex, v in self._tasks_of:
             tasks[ex.numpy()] = v.numpy()
         out = {"train/label": labels, "train/task": tasks}
-        if self._train_inputs is not None:
+        if self._train_inputs is not None and with_input:
             inputs = np.asarray(self._train_inputs.cpu() if isinstance(self._train_inputs, torch.Tensor) else self._train_inputs)
             if len(inputs) < n:
                 raise RecorderError(f"train_inputs has {len(inputs)} rows, but example ids reach {n - 1}")
@@ -971,57 +1058,206 @@ class Recorder:
         out["names"] = params if len(params) <= 64 else params[:64] + [f"… {len(params) - 64} more"]
         return out
 
+    # ------------------------------------------------------------------ the journal
+    def _save(self, key: str, array: np.ndarray, changing: bool = False) -> None:
+        self._arrays[key] = self.writer.save_array(key, array, changing=changing)
+        self._live[key] = array
+
+    def _save_once(self) -> None:
+        """What never changes: the initial weights (in the bundle's layout) and the previews."""
+        f64 = self.storage_dtype == "float64"
+        for lay in self.layers.values():
+            self._save(f"init/{lay.name}/w", lay.w_init.double().numpy() if f64 else lay.w_init.double().numpy())
+            if lay.b_init is not None:
+                self._save(f"init/{lay.name}/b", lay.b_init.double().numpy())
+        if self._train_inputs is not None:
+            x = self._train_inputs
+            self._save("train/input", np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x))
+
+    def _due_journal(self) -> bool:
+        return (self.step_count - self._journaled_step >= self.journal_every
+                or time.monotonic() - self._last_journal >= self.journal_seconds)
+
+    def _journal(self, tag: str | None = None) -> None:
+        """Bring the journal up to date: commit the applied steps, save the current weights and
+        tables, and rename journal.json into place (writer.write_journal)."""
+        failure = None
+        try:
+            self._commit_pending()
+        except RecorderError as e:  # the patterns are spooled; journal them, then stop as before
+            failure = e
+        for lay in self.layers.values():
+            self._save(f"now/{lay.name}/w", lay.adapter.weight().detach().cpu().double().numpy(), changing=True)
+            if lay.spec.bias:
+                self._save(f"now/{lay.name}/b", lay.adapter.bias().detach().cpu().double().numpy(), changing=True)
+        tables = self._train_tables(with_input=False)
+        for key in ("train/label", "train/task"):
+            self._save(key, tables[key], changing=True)
+            if tag is not None:  # a checkpoint's own copy, for resume (the plain one keeps moving)
+                self._save(f"{key}@{tag}", tables[key])
+        self.writer.write_journal(self._journal_state(), dict(self._arrays))
+        self._journaled_step = self.step_count
+        self._last_journal = time.monotonic()
+        if failure is not None:
+            raise failure
+
+    def _journal_state(self) -> dict:
+        return {
+            "step": self.step_count,
+            "layer_order": list(self.layers),
+            "layers": {lay.name: {"steps": steps_json(lay.steps), "bias_steps": steps_json(lay.bias_steps),
+                                  "rule": lay.rule, "rule_used": lay.rule_used, "tie": lay.tie,
+                                  "spec_extra": self._spec_extra(lay)}
+                       for lay in self.layers.values()},
+            "storage_dtype": self.storage_dtype, "tasks": self.tasks, "classes": self.classes, "input": self.input,
+            "training": self.training, "extra": self.extra, "optimizer": self._optimizer_json(),
+            "attribution": self.check.to_json(list(self.layers)), "check": state_of_check(self.check),
+            "check_failures": list(self.check_failures), "compute_dtype": self._compute_dtype,
+            "skipped_steps": self.skipped_steps, "interrupted": self.interrupted, "not_covered": self._not_covered(),
+            "query_sets": [q.to_json() for q in self.query_set_specs.values()],
+            "query_arrays": {name: sorted(t) for name, t in self.query_tensors.items()},
+            "chunks": self.writer.chunk_counts(),
+        }
+
+    def _spec_extra(self, lay: _Layer) -> dict:
+        extra = {}
+        if lay.tie is not None:
+            extra["tied"] = lay.tie  # the shared parameter: verify sums both uses
+        if lay.rule_used:
+            extra["rows"] = lay.rule_used
+        return extra
+
+    def state_dict(self) -> dict:
+        """The recording's state at this step, to save beside the model's and the optimizer's
+        checkpoint (it is small: the spool holds the patterns). A job restarted from that
+        checkpoint continues the same recording with `Recorder(..., resume=state)`; the final
+        bundle equals the uninterrupted run's when the data order is the same."""
+        self._journal(tag=str(self.step_count))
+        self._checkpointed, self._checkpointed_step = True, self.step_count
+        state = self._journal_state()
+        return {"format": "dualtui.recorder-state", "version": 1, "spool": str(self.writer.spool),
+                "output": str(self.writer.path), "step": self.step_count, "state": state, "arrays": dict(self._arrays)}
+
+    def _check_resume(self, resume: dict, path: str | Path) -> dict:
+        if not isinstance(resume, dict) or resume.get("format") != "dualtui.recorder-state":
+            raise RecorderError("resume= takes the dict rec.state_dict() returned")
+        spool = Path(resume["spool"])
+        if not (spool / "journal.json").exists():
+            raise RecorderError(f"resume: the recording's spool {spool} is gone (it holds the patterns recorded "
+                                f"before step {resume['step']})")
+        if Path(resume["output"]).resolve() != BundleWriter.output_of(path).resolve():
+            raise RecorderError(f"resume: that state belongs to a recording to {resume['output']}, not {path}")
+        return resume
+
+    def _restore(self, resume: dict) -> None:
+        """Continue a recording from its state_dict: steps, layouts, tables and the check's
+        progress as they were at the checkpoint, and its chunks (later ones are dropped)."""
+        state, arrays = resume["state"], resume["arrays"]
+        journal = BundleWriter.read_journal(self.writer.spool)
+        self.writer.adopt(journal, chunks_upto=state["chunks"])
+        if list(self.layers) != state["layer_order"]:
+            raise RecorderError("resume: the recorded layers differ from the checkpoint's: "
+                                f"{', '.join(state['layer_order'])}")
+        self.step_count = state["step"]
+        self._journaled_step = self.step_count
+        self._checkpointed, self._checkpointed_step = True, self.step_count  # a later resume may use it again
+        for lay in self.layers.values():
+            st = state["layers"][lay.name]
+            lay.steps, lay.bias_steps = steps_from_json(st["steps"]), steps_from_json(st["bias_steps"])
+            lay.rule, lay.rule_used, lay.tie = st["rule"], st["rule_used"], st["tie"]
+            lay.spec = self.writer.layers[lay.name].spec
+            lay.w_init = torch.from_numpy(self.writer.load_array(arrays[f"init/{lay.name}/w"]))
+            if lay.spec.bias:
+                lay.b_init = torch.from_numpy(self.writer.load_array(arrays[f"init/{lay.name}/b"]))
+        for key, file in arrays.items():
+            if key.startswith("init/") or key == "train/input" or key.startswith("queries/"):
+                self._arrays[key] = file
+                self._live[key] = self.writer.load_array(file)
+        tag = str(state["step"])
+        self._train_labels = torch.from_numpy(self.writer.load_array(arrays[f"train/label@{tag}"]))
+        self._train_tasks = torch.from_numpy(self.writer.load_array(arrays[f"train/task@{tag}"]))
+        restore_check(self.check, state["check"])
+        self.check_failures = list(state["check_failures"])
+        self._compute_dtype = state["compute_dtype"]
+        self.skipped_steps = state["skipped_steps"]
+        self.training = state["training"]
+        for q in state["query_sets"]:
+            spec = QuerySetSpec(**{k: v for k, v in q.items() if k != "extra"})
+            self.query_set_specs[spec.name] = spec
+            self.query_tensors[spec.name] = {k: self._live[k] for k in state["query_arrays"][spec.name]}
+
+    # ------------------------------------------------------------------ finishing
     def close(self) -> Path | None:
-        """Write the bundle (atomically) and detach every hook. Returns the path to open."""
+        """Write the bundle (atomically) and detach every hook. Returns the path to open. A
+        recording that stopped early never replaces a bundle already at the path: it is
+        written to NAME.partial.safetensors then (see `path_written`)."""
         if self.closed:
             return None
         self.closed = True
-        self._detach()
-        self._commit_pending(strict=False)
-        static: dict[str, np.ndarray] = {}
-        specs = []
-        for lay in self.layers.values():
-            a, C = self.coefficients(lay.name)
-            a_b, ratio = self._bias_chain(lay, C)
-            static.update(lay.adapter.static(a, lay.w_init, lay.b_init, self.storage_dtype == "float64", a_bias=a_b))
-            if ratio is not None:
-                static[f"layer/{lay.name}/bias_scale"] = ratio
-                lay.spec.extra["bias_scale"] = True
-            if lay.tie is not None:
-                lay.spec.extra["tied"] = lay.tie  # the shared parameter: verify sums both uses
-            if lay.rule_used:
-                lay.spec.extra["rows"] = lay.rule_used
-            specs.append(lay.spec)
-        for tensors in self.query_tensors.values():
-            static.update(tensors)
-        static.update(self._train_tables())
-        label_ids = [static["train/label"]] + [static[f"queries/{q}/{f}"] for q in self.query_set_specs
-                                               for f in ("label", "prediction", "target")]
-        task_ids = [static["train/task"]] + [static[f"queries/{q}/task"] for q in self.query_set_specs]
-        labels_n = int(max(a.max(initial=-1) for a in label_ids)) + 1
-        tasks_n = int(max(a.max(initial=-1) for a in task_ids)) + 1
-        classes = self.classes if self.classes is not None else [str(i) for i in range(max(labels_n, 1))]
-        tasks = self.tasks if self.tasks is not None else (["all"] if tasks_n <= 1 else [f"task {i}" for i in range(tasks_n)])
-        training = {**self.training, "steps": self.step_count}
-        if self.interrupted:
-            training["interrupted"] = self.interrupted
-        if self.check_failures:
-            training["check_failures"] = self.check_failures
-        if self._compute_dtype:
-            training["compute_dtype"] = self._compute_dtype  # verify allows its matmul rounding
-        if self.skipped_steps:
-            training["skipped_steps"] = self.skipped_steps
-        extra = {"not_covered": self._not_covered(), **self.extra}
-        manifest = Manifest(layers=specs, tasks=tasks, classes=classes, input=self.input,
-                            optimizer=self._optimizer_json(), training=training, extra=extra,
-                            query_sets=list(self.query_set_specs.values()),
-                            attribution=self.check.to_json(list(self.layers)))
-        coeffs = {lay.name: self.coefficients(lay.name)[1] for lay in self.layers.values()}
+        self._finalizing = True  # a second Ctrl-C (or SIGTERM) now waits until the bundle is written
+        try:
+            self._detach(signals=False)
+            try:
+                return self._finish()
+            except OutputError as e:  # disk full: the spool is cut back to its last journal
+                left = self.writer.abandon()
+                raise OutputError(f"{e}; {left}") from None
+        finally:
+            self._finalizing = False
+            self._detach_signals()
 
-        def transform(layer: str, raw: np.ndarray, steps: np.ndarray) -> np.ndarray:
-            return raw.astype(np.float64) * coeffs[layer][steps][:, None]
+    def _finish(self) -> Path:
+        """close(): the last journal, then the bundle composed from it."""
+        if self.writer.failed:  # a write already failed while training: nothing more is tried
+            raise OutputError(self.writer.failed)
+        try:
+            self._journal()
+        except RecorderError as e:  # a late gradient-scale failure: kept in the bundle, said there
+            if str(e) not in self.check_failures:
+                self.check_failures.append(str(e))
+            self.writer.write_journal(self._journal_state(), dict(self._arrays))
+        state = self._journal_state()
+        specs = [lay.spec for lay in self.layers.values()]
+        manifest, static, transform = compose(state, specs, self._live.get)
+        partial = self.interrupted is not None
+        # An interrupted run whose checkpoint named the spool (state_dict) keeps it: the job
+        # restarted from that checkpoint continues the recording (resume=).
+        keep = partial and self._checkpointed
+        if self.world:
+            self.path_written = self._finish_merged(partial, keep)
+        else:
+            self.path_written = self.writer.finalize(manifest, static, transform, partial=partial, keep_spool=keep)
+        if keep:
+            print(f"dualtui: kept the recording's spool {self.writer.spool} for a resume from the checkpoint "
+                  f"at step {self._checkpointed_step} (Recorder(..., resume=state))", file=sys.stderr)
+        # a signal that came while the bundle was written: the caller still ends the process
+        self.late_signal = self._pending_interrupt or None
+        return self.path_written
 
-        return self.writer.finalize(manifest, static, transform)
+    def _finish_merged(self, partial: bool, keep: bool) -> Path:
+        """Data-parallel: every rank's journal is complete; rank 0 merges them into one bundle
+        (journal.write_merged), the others wait for it, then each rank's spool goes (or stays,
+        for a resume)."""
+        world = self.world
+        world.barrier()  # every rank's last journal is on disk
+        result: tuple = (None, None)
+        if world.rank == 0:
+            try:
+                spools = rank_spools(self.writer.spool)
+                written, _ = write_merged(spools, self.writer.path, partial=partial,
+                                          max_shard_bytes=self.writer.max_shard_bytes)
+                result = (str(written), None)
+            except (OutputError, RecorderError) as e:
+                result = (None, str(e))
+        written, error = world.broadcast(result)
+        if error is not None:
+            self.writer.release()
+            raise OutputError(error) if world.rank == 0 else OutputError(f"rank 0 could not write the bundle: {error}")
+        if keep:
+            self.writer.release()
+        else:
+            self.writer.discard()
+        return Path(written)
 
     def _not_covered(self) -> list[str]:
         """Trained parameters outside the recorded layers (e.g. an LSTM's gates): the dual form
@@ -1059,7 +1295,7 @@ class Recorder:
         shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
         return f"dualtui: not covered by the dual form: {shown}" + ("; " + "; ".join(reasons) if reasons else "")
 
-    def _detach(self) -> None:
+    def _detach(self, signals: bool = True) -> None:
         for layer in self.layers.values():
             for h in layer.handles:
                 h.remove()
@@ -1073,9 +1309,16 @@ class Recorder:
         for owner in self._zero_grad_owners:
             owner.__dict__.pop("zero_grad", None)
         self._zero_grad_owners = []
-        if self._old_sigint is not None:
-            signal.signal(signal.SIGINT, self._old_sigint)
-            self._old_sigint = None
+        if signals:
+            self._detach_signals()
+
+    def _detach_signals(self) -> None:
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._old_handlers = {}
 
     def abort(self) -> None:
         """Detach and throw away everything recorded (nothing is written)."""
@@ -1089,11 +1332,14 @@ class Recorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not self.closed:
-            if issubclass(exc_type, RecorderError) and self.step_count == 0:
+            if issubclass(exc_type, RecorderError) and self.step_count == 0 and not self._resume:
                 # Refused before any step: nothing was recorded, so nothing is written (an earlier
                 # bundle at the same path stays as it was).
                 self.abort()
                 return
             # Keep what was recorded: the bundle holds every completed optimizer step.
-            self.interrupted = "KeyboardInterrupt" if exc_type is KeyboardInterrupt else exc_type.__name__
+            self.interrupted = interruption(exc)
         self.close()
+        if exc_type is None and self._pending_interrupt:  # a signal that came while the bundle was written
+            signum, self._pending_interrupt = self._pending_interrupt, 0
+            raise Interrupted(signum)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .recorder import Recorder
+from .recorder import Recorder, interruption
 from .text_corpus import Source, Windows, make_windows, read_corpus, stdlib_docstrings
 
 
@@ -101,6 +101,7 @@ class TextConfig:
     storage_dtype: str = "float32"
     seed: int = 0
     check_attribution: bool = True
+    journal_every: int = 1024
     query_rows: str = "auto"  # record_test rows: "all" positions of every test window, or "focus" (the last)
 
 
@@ -113,7 +114,8 @@ class TextResult:
     patterns_per_layer: int
     interrupted: bool = False
     origins: list[str] = field(default_factory=list)
-    query_bytes: int | None = None  # bytes of the recorded test set (every position's queries and gradients)
+    query_bytes: int | None = None
+    signal: int | None = None  # what interrupted training (SIGINT, SIGTERM, SIGHUP)  # bytes of the recorded test set (every position's queries and gradients)
 
 
 @dataclass
@@ -212,7 +214,7 @@ def record_text(
                    "window": "train/input and test/input rows hold context + 1 tokens: the inputs, then the target of the last position"},
             storage_dtype=cfg.storage_dtype, clip_norm=cfg.clip_norm,
             output_layout="batch-first",  # [windows, positions, vocab]: the attribution check decides each layer
-            check_attribution=cfg.check_attribution,
+            check_attribution=cfg.check_attribution, journal_every=cfg.journal_every,
             # train/label of a window is the token after it; class masses of text runs use the
             # token after each pattern's own position instead (DESIGN.md section 3).
             train_inputs=train.numpy(), train_labels=train[:, -1], train_tasks=train_task,
@@ -224,6 +226,7 @@ def record_text(
                                   "corpus": windows.origins, "command": command or "dualtui record text"}},
         )
     interrupted = False
+    signum = None
     losses: list[float] = []
     tokens = 0  # training tokens seen (a pass's last batch may be short)
     try:
@@ -248,10 +251,11 @@ def record_text(
             tokens += x.numel()
             if on_step:
                 on_step(s + 1, len(batches), losses[-1])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         interrupted = True
+        signum = getattr(e, "signum", None)
         if rec:
-            rec.interrupted = "KeyboardInterrupt"
+            rec.interrupted = interruption(e)
     except BaseException as e:
         if rec:  # keep every completed step: the bundle says why training stopped
             rec.interrupted = type(e).__name__
@@ -265,14 +269,22 @@ def record_text(
         else:
             with torch.no_grad():
                 preds = model.eval()(test[:, :-1])[:, -1].argmax(-1).numpy()
+    except KeyboardInterrupt as e:  # while the test queries were recorded: the bundle goes without them
+        interrupted, preds = True, None
+        signum = signum or getattr(e, "signum", None)
+        if rec:
+            rec.interrupted = rec.interrupted or interruption(e)
     finally:
         path = rec.close() if rec else Path(out)
-    correct = preds == labels.numpy()
-    acc = {name: float(correct[windows.test_task == k].mean()) for k, name in enumerate(windows.tasks)}
-    acc["all"] = float(correct.mean())
+    signum = signum or (rec.late_signal if rec else None)
+    acc: dict[str, float] = {}
+    if preds is not None:
+        correct = preds == labels.numpy()
+        acc = {name: float(correct[windows.test_task == k].mean()) for k, name in enumerate(windows.tasks)}
+        acc["all"] = float(correct.mean())
     tail = losses[-max(1, len(losses) // 10):] if losses else [float("nan")]
     steps = rec.step_count if rec else len(losses)
     qbytes = rec.query_sets["test"].bytes if rec and "test" in rec.query_sets else None
     return TextResult(Path(path), steps, acc, float(np.mean(tail)), tokens,
-                      interrupted, windows.origins, qbytes)
+                      interrupted, windows.origins, qbytes, signum)
 
