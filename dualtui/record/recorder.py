@@ -1080,7 +1080,13 @@ class Recorder:
 
     def _journal(self, tag: str | None = None) -> None:
         """Bring the journal up to date: commit the applied steps, save the current weights and
-        tables, and rename journal.json into place (writer.write_journal)."""
+        tables, and rename journal.json into place (writer.write_journal). A signal waits
+        until it is done: the commit moves patterns from memory to the spool, and stopping
+        half-way would lose a layer's share of them."""
+        with self._signals_deferred():
+            self._journal_now(tag)
+
+    def _journal_now(self, tag: str | None) -> None:
         failure = None
         try:
             self._commit_pending()
