@@ -35,21 +35,17 @@ class UsageError(Exception):
 
 
 def _stderr() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
+    return SafeConsole(stderr=True, highlight=False)
 
 
 def _stdout() -> Any:
-    from rich.console import Console
-
     # Piped output is data: never squeeze a table to a guessed 80 columns.
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+    return SafeConsole(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 
 
 def fail(code: ExitCode, message: str) -> None:
     """Print one line to stderr and exit with `code`."""
-    print(f"dualtui: error: {message}", file=sys.stderr)
+    print(f"dualtui: error: {literal(message)}", file=sys.stderr)
     raise typer.Exit(int(code))
 
 
@@ -87,15 +83,38 @@ def handles_errors(fn: Callable) -> Callable:
 
 
 def _open(path: Path) -> Any:
+    """Open and check a bundle before any command uses it: structure, and the contents of
+    every tensor but the per-pattern ones, which the engine checks as it streams them."""
     from .bundle import Bundle
 
-    return Bundle.open(path)
+    b = Bundle.open(path)
+    b.validate_small()
+    return b
 
 
 def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    """Strict JSON (RFC 8259): a NaN or infinity that reached here is written as null, never as
+    the bare NaN that jq and other strict parsers reject."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
+    sys.stdout.write(text + "\n")
 
 
+def _finite_or_null(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+from .terminal import SafeConsole, literal  # noqa: E402
 from .units import DTYPE_NAMES as _DTYPE_NAMES  # noqa: E402
 from .units import human_bytes as _human_bytes  # noqa: E402
 
@@ -169,8 +188,10 @@ def info(
     from .tokens import visible
 
     out = _stdout()
-    out.print(f"[bold]{d['bundle']}[/]  format v{d['version']}, {_human_bytes(d['size_bytes'])}"
-              + (f" in {len(d['files'])} shards" if d["sharded"] else ""))
+    from rich.text import Text
+
+    out.print(Text(literal(d["bundle"]), style="bold") + Text(f"  format v{d['version']}, {_human_bytes(d['size_bytes'])}"
+                                                              + (f" in {len(d['files'])} shards" if d["sharded"] else "")))
     t = Table("layer", "kind", "in → out", "bias", "patterns", "chunks", "storage", "size", "B/pattern", box=None, pad_edge=False)
     for layer in d["layers"]:
         t.add_row(layer["name"], layer["kind"], f"{layer['in_features']} → {layer['out_features']}",
@@ -255,26 +276,26 @@ def verify(
         from rich.table import Table
 
         out = _stdout()
+        from rich.text import Text
+
         t = Table("layer", "storage", "patterns", "weight err", "bias err", "output err", "tolerance", "", box=None, pad_edge=False)
         fmt = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
         for c in report.layers:
             t.add_row(c.name, _DTYPE_NAMES.get(c.storage_dtype, c.storage_dtype), f"{c.patterns:,}", fmt(c.weight_max_abs_error),
                       fmt(c.bias_max_abs_error), fmt(c.output_max_abs_error), fmt(c.tolerance),
-                      "[green]ok[/]" if c.ok else "[red]FAIL[/]")
+                      Text("ok", style="green") if c.ok else Text("FAIL", style="red"))
         out.print(t)
         if any(c.rounding_bound for c in report.layers):
             out.print("tolerance includes the rounding bound of float16/bfloat16 storage (2u·Σ|v||k|)")
         nc = report.not_covered
         if not all(c.ok for c in report.layers):
-            out.print("[red]primal != dual: see FAIL rows[/]")
+            out.print(Text("primal != dual: see FAIL rows", style="red"))
         elif nc:
-            from rich.text import Text
-
             line = Text("primal == dual for the covered layers", style="green")
-            line.append(f"; not covered: {', '.join(nc)}")
+            line.append(f"; not covered: {literal(', '.join(nc))}")
             out.print(line)
         else:
-            out.print("[green]primal == dual for every layer[/]")
+            out.print(Text("primal == dual for every layer", style="green"))
         out.print(_attribution_line(report.to_json()["attribution"]), markup=False)
     if not report.ok:
         raise typer.Exit(int(ExitCode.CHECK_FAILED))

@@ -150,6 +150,8 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise errors.BadManifest(path, f"manifest is not valid JSON ({e.msg} at char {e.pos})") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise errors.BadManifest(path, f"manifest is not valid JSON ({str(e)[:80]})") from None
     except RecursionError:
         raise errors.BadManifest(path, "manifest is not valid JSON (nested too deeply)") from None
     _require(isinstance(d, dict), path, "manifest must be a JSON object")
@@ -205,6 +207,18 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
     training = d.get("training", {})
     _require(isinstance(optimizer, dict), path, "'optimizer' must be an object")
     _require(isinstance(training, dict), path, "'training' must be an object")
+    steps = training.get("steps")
+    _require(steps is None or (_is_int(steps) and 0 <= steps < 1 << 53), path,
+             f"'training.steps' must be an integer in 0..2^53, not {str(steps)[:40]}")
+    if inp["kind"] == "text":
+        ctx = inp.get("context")
+        _require(ctx is None or (_is_int(ctx) and 0 < ctx <= 1 << 20), path,
+                 f"'input.context' must be an integer in 1..2^20, not {str(ctx)[:40]}")
+        _require(all(isinstance(t, str) for t in inp["vocab"]), path, "'input.vocab' must be a list of strings")
+    if inp["kind"] == "image":
+        shape = inp.get("shape")
+        _require(shape is None or (isinstance(shape, list) and len(shape) in (2, 3) and all(_is_int(x) and 0 < x <= 1 << 16 for x in shape)),
+                 path, "'input.shape' must be [H, W] or [H, W, C] of positive integers")
     query_sets: list[QuerySetSpec] = []
     attribution = None
     if version >= 2:

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -40,6 +40,17 @@ class PatternChunk:
 
     def __len__(self) -> int:
         return int(self.step.shape[0])
+
+
+def _inside(folder: Path, name: str, index: Path) -> Path:
+    """A shard must be a file in the index's folder: a symlink is followed only when it
+    resolves inside that folder (read_header then refuses FIFOs, devices and folders)."""
+    p = folder / name
+    if p.is_symlink():
+        real, home = p.resolve(), folder.resolve()
+        if home != real.parent and home not in real.parents:
+            raise errors.NotSafetensors(index, f"shard {name} is a symlink to {real}, outside the bundle's folder")
+    return p
 
 
 class Bundle:
@@ -76,13 +87,15 @@ class Bundle:
     @classmethod
     def _open_index(cls, path: Path) -> "Bundle":
         try:
+            if path.exists() and not path.is_file():  # a FIFO would block read_text() forever
+                raise errors.UnreadableFile(path, "is not a regular file")
             index = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise errors.UnreadableFile(path, "no such file") from None
         except (OSError, UnicodeDecodeError) as e:
             raise errors.UnreadableFile(path, str(e)) from None
-        except json.JSONDecodeError as e:
-            raise errors.NotSafetensors(path, f"index is not valid JSON ({e.msg})") from None
+        except ValueError as e:  # not JSON, or an integer of more than 4,300 digits
+            raise errors.NotSafetensors(path, f"index is not valid JSON ({getattr(e, 'msg', str(e)[:80])})") from None
         except RecursionError:
             raise errors.NotSafetensors(path, "index is not valid JSON (nested too deeply)") from None
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
@@ -97,7 +110,7 @@ class Bundle:
             if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
                 raise errors.NotSafetensors(path, f"weight_map entry for {name!r} is not a shard file name beside the index")
             if shard not in shards:
-                shards[shard] = MappedFile(read_header(path.parent / shard))
+                shards[shard] = MappedFile(read_header(_inside(path.parent, shard, path)))
             if name not in shards[shard].header.tensors:
                 raise errors.MissingTensor(path, f"{name!r} is mapped to {shard} but that shard does not hold it")
             files[name] = shards[shard]
@@ -254,6 +267,15 @@ class Bundle:
         self._expect("train/task", (n_train,), ("I64",))
         if self.has("train/input") and self.info("train/input").shape[:1] != (n_train,):
             raise errors.ShapeMismatch(self.path, f"'train/input' has {self.info('train/input').shape[:1]} rows, expected {n_train}")
+        if self.manifest.input.get("kind") == "image":  # previews the app draws as pixels
+            names = ["train/input"] + [qs.item_name("input") for qs in self._query_sets.values() if qs.has("input")]
+            for name in (n for n in names if self.has(n)):
+                px = self.info(name).shape[1:]
+                want = self.manifest.input.get("shape")
+                if not (len(px) == 2 or (len(px) == 3 and px[2] == 3)) or (want is not None and list(px) != list(want)):
+                    raise errors.ShapeMismatch(self.path, f"{name!r}: an image run's previews must be [N, H, W] or "
+                                                          f"[N, H, W, 3]{f' matching input.shape {want}' if want else ''}, "
+                                                          f"not {[self.info(name).shape[0], *px]}")
         for qs in self._query_sets.values():
             self._validate_query_set(qs)
         if m.version >= 2:
@@ -336,6 +358,13 @@ class Bundle:
 
     def validate_contents(self, rows: int = 1 << 16) -> None:
         """Stream through every tensor: ids in range, steps in order, floats finite."""
+        self.validate_small()
+        self.validate_patterns(rows)
+
+    def validate_small(self) -> None:
+        """Everything but the per-pattern tensors (one pass over small tensors: tables, query
+        sets, weights): every command runs it before it computes; the per-pattern ids and
+        floats are checked as the engine streams them (`check_block`)."""
         m = self.manifest
         n_train = self.train_size
         n_tasks, n_classes = len(m.tasks), len(m.classes)
@@ -396,6 +425,11 @@ class Bundle:
             bias_scale = self.bias_scale(L)
             if bias_scale is not None:
                 self._finite(f"layer/{L}/bias_scale", bias_scale)
+
+    def validate_patterns(self, rows: int = 1 << 16) -> None:
+        for spec in self.manifest.layers:
+            L = spec.name
+            bias_scale = self.bias_scale(L)
             last_step = -math.inf
             for chunk in self.chunks(L, rows):
                 where = f"layer {L!r} patterns {chunk.start}..{chunk.start + len(chunk) - 1}"
@@ -406,16 +440,28 @@ class Bundle:
                     self._finite(f"{where} keys", chunk.keys)
                 self._finite(f"{where} values", chunk.values)
                 if len(chunk):
-                    if chunk.example.min() < 0 or chunk.example.max() >= n_train:
-                        raise errors.IdOutOfRange(self.path, f"{where}: example id outside 0..{n_train - 1}")
                     if chunk.step.min() < 0 or chunk.step[0] < last_step or np.any(np.diff(chunk.step) < 0):
                         raise errors.BadOrder(self.path, f"{where}: 'step' must be non-negative and never decrease")
+                    self.check_ids(L, where, chunk.example, chunk.step, chunk.position)
                     last_step = chunk.step[-1]
                     if bias_scale is not None and chunk.step[-1] >= len(bias_scale):
                         raise errors.IdOutOfRange(self.path, f"{where}: step {int(chunk.step[-1])} has no bias_scale "
                                                              f"(it covers steps 0..{len(bias_scale) - 1})")
-                    if chunk.position is not None and chunk.position.min() < 0:
-                        raise errors.IdOutOfRange(self.path, f"{where}: negative position")
+
+    def check_ids(self, layer: str, where: str, example: Any, step: Any, position: Any = None) -> None:
+        """The per-pattern ids of some patterns (numpy arrays or tensors) in range: examples in
+        0..train_size-1, steps >= 0, positions >= 0
+        and below the context of a text run."""
+        n_train = self.train_size
+        if len(example) and (int(example.min()) < 0 or int(example.max()) >= n_train):
+            raise errors.IdOutOfRange(self.path, f"{where}: example id outside 0..{n_train - 1}")
+        # (the format does not bound steps by training.steps: other writers count differently)
+        if len(step) and int(step.min()) < 0:
+            raise errors.IdOutOfRange(self.path, f"{where}: negative step")
+        if position is not None and len(position):
+            ctx = self.manifest.input.get("context") if self.manifest.input.get("kind") == "text" else None
+            if int(position.min()) < 0 or (isinstance(ctx, int) and int(position.max()) >= ctx):
+                raise errors.IdOutOfRange(self.path, f"{where}: position outside 0..{ctx - 1 if isinstance(ctx, int) else '∞'}")
 
     def _finite(self, what: str, a: np.ndarray) -> None:
         if a.size and not np.isfinite(a).all():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import mmap as mmap_module
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and check a safetensors header; raise a named `BundleError` on any defect."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        # A FIFO would block open() forever, a device could be endless: only regular files.
+        if stat.S_ISDIR(st.st_mode):
+            raise errors.UnreadableFile(path, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.UnreadableFile(path, "is not a regular file (a FIFO, socket or device)")
+        size = st.st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -97,8 +104,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise errors.TruncatedFile(path, f"header needs {header_len} bytes, file has {len(raw)} after the length")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        # RecursionError: JSON nested deeper than Python's parser can follow.
+    except (ValueError, RecursionError) as e:
+        # RecursionError: JSON nested deeper than Python's parser can follow; ValueError also
+        # covers an integer of more than 4,300 digits and bad UTF-8.
         raise errors.NotSafetensors(path, f"the header is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise errors.NotSafetensors(path, "the header is not a JSON object")
@@ -110,12 +118,16 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            lo, hi = (int(x) for x in entry["data_offsets"])
-        except (TypeError, KeyError, ValueError, OverflowError):  # OverflowError: int(Infinity)
-            raise errors.NotSafetensors(path, f"tensor {name!r} lacks a valid dtype, shape or data_offsets") from None
+        # As strict as the safetensors specification: shape and offsets are lists of JSON integers
+        # (not strings, floats or booleans), and offsets are exactly two.
+        if (not isinstance(entry, dict) or not isinstance(entry.get("shape"), list)
+                or not all(type(d) is int for d in entry["shape"])
+                or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2
+                or not all(type(x) is int for x in entry["data_offsets"]) or "dtype" not in entry):
+            raise errors.NotSafetensors(path, f"tensor {name!r} lacks a valid dtype, shape or data_offsets")
+        dtype = entry["dtype"]
+        shape = tuple(entry["shape"])
+        lo, hi = entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise errors.NotSafetensors(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
         if any(d < 0 for d in shape) or lo < 0 or hi < lo:

@@ -45,6 +45,8 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     import csv
     import io
 
+    from ..literal import literal
+
     if not rows:
         return ""
     fields: list[str] = []
@@ -55,5 +57,6 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    # names from a bundle are data, not terminal commands: controls shown visibly
+    w.writerows([{k: literal(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows])
     return out.getvalue()

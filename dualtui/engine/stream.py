@@ -76,10 +76,37 @@ def _host_blocks(bundle: Bundle, layer: str, fields: Sequence[str], rows: int) -
         raws = {f: bundle.raw(names[f][c]) for f in fields}
         for lo in range(0, stop - start, rows):
             hi = min(stop - start, lo + rows)
-            yield start + lo, {f: _torch_view(raws[f][lo:hi], infos[f].dtype) for f in fields}
+            block = {f: _torch_view(raws[f][lo:hi], infos[f].dtype) for f in fields}
+            if CHECK_BLOCKS:
+                check_block(bundle, layer, start + lo, block)
+            yield start + lo, block
             # The consumer is done with this block: keep resident memory at about one block.
             for f in fields:
                 bundle.release(names[f][c], lo, hi)
+
+
+# Every block is checked as it streams (ids in range, floats finite): a command never computes
+# on, or prints, what the bundle cannot back (benchmarks/bench_engine.py measures the cost).
+CHECK_BLOCKS = True
+
+
+def check_block(bundle: Bundle, layer: str, start: int, block: dict[str, torch.Tensor]) -> None:
+    from ..bundle import errors
+
+    where = f"layer {layer!r} patterns {start}..{start + len(next(iter(block.values()))) - 1}"
+    if "example" in block or "step" in block or "position" in block:
+        none = torch.zeros(0, dtype=torch.int64)
+        bundle.check_ids(layer, where, block.get("example", none), block.get("step", none), block.get("position"))
+    spec = bundle.layer_spec(layer)
+    for f in ("keys", "values"):
+        t = block.get(f)
+        if t is None:
+            continue
+        if f == "keys" and spec.kind == "embedding":
+            if len(t) and (int(t.min()) < 0 or int(t.max()) >= spec.in_features):
+                raise errors.IdOutOfRange(bundle.path, f"{where}: key token id outside 0..{spec.in_features - 1}")
+        elif not bool(torch.isfinite(t).all()):
+            raise errors.NonFinite(bundle.path, f"{where}: {f} hold NaN/Inf")
 
 
 def stream_blocks(bundle: Bundle, layer: str, fields: Sequence[str], device: torch.device,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..literal import literal
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,10 +76,10 @@ class OpenRun:
     # ----------------------------------------------------------------- names
     def class_name(self, i: int) -> str:
         name = self.classes[i] if 0 <= i < len(self.classes) else str(i)
-        return visible(name, alone=True) if self.is_text else name
+        return visible(name, alone=True) if self.is_text else literal(name)
 
     def task_name(self, i: int) -> str:
-        return self.tasks[i] if 0 <= i < len(self.tasks) else str(i)
+        return literal(self.tasks[i]) if 0 <= i < len(self.tasks) else str(i)
 
     @property
     def test_size(self) -> int:

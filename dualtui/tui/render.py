@@ -15,7 +15,8 @@ from rich.color import Color
 from rich.style import Style
 from rich.text import Text
 
-from dualtui.tokens import visible  # absolute: the tests load this module by its path
+from dualtui.literal import literal  # absolute: the tests load this module by its path
+from dualtui.tokens import visible
 
 __all__ = ["image_halfblock", "text_window", "hbar", "bar_table", "column_chart", "sparkline"]
 
@@ -254,3 +255,9 @@ def sparkline(values, width: int) -> str:
     top = cols.max()
     idx = np.zeros(width, dtype=int) if top <= 0 else np.rint(cols / top * 7).astype(int)
     return "".join(_EIGHTHS_V[1 + i] for i in idx)
+
+
+def plain(value: object) -> Text:
+    """A table cell that is never parsed as markup (DataTable and Rich tables parse a str
+    cell's brackets): names from a bundle are text, with controls shown visibly."""
+    return value if isinstance(value, Text) else Text(literal(str(value)))

@@ -10,6 +10,7 @@ from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import get_current_worker
 
 from ..model import OpenRun
+from ..render import plain
 
 from ...units import DTYPE_NAMES as _DT
 from ...units import human_bytes as _size
@@ -71,7 +72,7 @@ class OverviewPane(VerticalScroll):
         table.add_columns("layer", "kind", "in → out", "patterns", "storage", "size", "verify")
         for spec in m.layers:
             nbytes = sum(b.info(n).end - b.info(n).start for n in b.tensor_names if n.startswith(f"layer/{spec.name}/"))
-            table.add_row(spec.name, spec.kind, f"{spec.in_features} → {spec.out_features}", f"{spec.patterns:,}",
+            table.add_row(plain(spec.name), spec.kind, f"{spec.in_features} → {spec.out_features}", f"{spec.patterns:,}",
                           _DT.get(b.storage_dtype(spec.name), "?"), _size(nbytes), "…", key=spec.name)
         self.query_one("#verify-status", Static).update(
             "verify (primal == dual) starts when the first spotlight is complete, or now if you stay on this tab")

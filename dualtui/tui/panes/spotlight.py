@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
 from ...engine.spotlight import Ranked
+from ..render import plain
 from ..messages import RowSelected
 from ..model import OpenRun
 from ..widgets.preview import Preview
@@ -98,7 +99,7 @@ class SpotlightPane(Horizontal):
         if w_name + w_att + w_eff + 2 <= (across.size.width or 26):
             t = Table("layer", "attention", "effect", box=None, pad_edge=False, title="at every layer", title_justify="left")
             for row in rows:
-                t.add_row(*row)
+                t.add_row(*map(plain, row))
         else:  # a narrow side panel (80 columns): each layer's name on its own line, numbers below
             t = Text()
             t.append("at every layer (α, effect)\n", style="italic")

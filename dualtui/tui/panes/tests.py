@@ -9,6 +9,7 @@ from textual.widgets import DataTable, Input, Select, Static
 
 from ..messages import TestChosen
 from ..model import OpenRun
+from ..render import plain
 from ..widgets.preview import Preview
 
 # Rows put in the table at once: a DataTable gets slow with tens of thousands of rows; the
@@ -51,8 +52,8 @@ class TestsPane(Horizontal):
             it = self.run.test_item(i)
             mark = Text("✓", style="green") if it.correct else Text("✗", style="bold red")
             extra = [self.run.test_snippet(i, 28)] if self.run.is_text else []
-            table.add_row(str(i), self.run.class_name(it.label), self.run.class_name(it.prediction), mark,
-                          self.run.task_name(it.task), *extra, key=str(i))
+            table.add_row(str(i), plain(self.run.class_name(it.label)), plain(self.run.class_name(it.prediction)), mark,
+                          plain(self.run.task_name(it.task)), *map(plain, extra), key=str(i))
         more = f" (first {PAGE}; jump to reach the rest)" if len(idx) > PAGE else ""
         wrong = int(sum(not self.run.test_item(i).correct for i in idx))
         what = "test items" if self.run.queries_name == "test" else f"items of {self.run.queries_name!r}"

@@ -9,6 +9,7 @@ from textual.widgets import DataTable
 from ...engine.spotlight import Ranked
 from ..messages import RowSelected
 from ..model import OpenRun
+from ..render import plain
 
 
 # Cells of training text shown per row in text runs (the preview beside shows the whole window).
@@ -58,7 +59,7 @@ class RankingTable(DataTable):
         for i, label in enumerate(labels):
             self.add_column(label, width=max([len(label)] + [cell_len(str(c[i])) for c in cells]))
         for c in cells:
-            self.add_row(*c)
+            self.add_row(*map(plain, c))
         if rows:
             self.move_cursor(row=min(keep_cursor, len(rows) - 1))
         self.post_message(RowSelected(self.selected))
