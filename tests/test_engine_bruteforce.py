@@ -264,7 +264,9 @@ def test_position_outside_the_context_is_an_error(tmp_path) -> None:
     pos[-1] = 4  # context is 4: positions 0..3
     vb.tensors["layer/mix/position"] = iv.tensor(pos)
     bundle = Bundle.open(vb.write(tmp_path / "run.safetensors"))
-    with pytest.raises(ValueError, match="position 4"):
+    from dualtui.bundle.errors import IdOutOfRange
+
+    with pytest.raises(IdOutOfRange, match=r"position outside 0\.\.3"):  # found as the block streams
         spotlights(bundle, "mix", [0], groups=["position"], device="cpu")
     spotlights(bundle, "tok.emb", [0], groups=["position"], device="cpu")  # the other layers are fine
 
