@@ -56,6 +56,12 @@ class LayerSpec:
         extra = d.pop("extra")
         return {**extra, **d}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LayerSpec":
+        """The inverse of to_json (a journal's layer spec; the manifest has its own checked parser)."""
+        fields = ("name", "kind", "in_features", "out_features", "bias", "patterns", "chunks")
+        return cls(**{k: d[k] for k in fields}, extra={k: v for k, v in d.items() if k not in fields})
+
 
 @dataclass
 class QuerySetSpec:

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..units import human_bytes
 from .manifest import METADATA_KEY, LayerSpec, Manifest
 from .reader import INDEX_SUFFIX
 from .safetensors_io import DTYPES, PendingTensor, iter_rows, write_file
@@ -41,20 +42,10 @@ class OutputError(Exception):
     """The output cannot be written (missing folder, no permission, disk full, busy): one line."""
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def check_output(path: str | os.PathLike, estimate: int | None = None) -> list[str]:
     """Refuse an output path that cannot be written, before anything trains; returns warnings
     (too little free space for the estimated size)."""
-    path = Path(path)
-    if path.name.endswith(INDEX_SUFFIX):
-        path = path.with_name(path.name[: -len(".index.json")])
+    path = BundleWriter.output_of(path)
     if path.suffix != ".safetensors":
         raise OutputError(f"{path}: a bundle path must end in .safetensors")
     if path.is_dir():
@@ -71,8 +62,8 @@ def check_output(path: str | os.PathLike, estimate: int | None = None) -> list[s
         free = shutil.disk_usage(parent).free
         # the patterns are written twice (the spool, then the bundle) before the spool goes
         if free < 2 * estimate:
-            warnings.append(f"{parent} has {human(free)} free; this recording needs about {human(2 * estimate)} "
-                            f"while it runs ({human(estimate)} for the bundle)")
+            warnings.append(f"{parent} has {human_bytes(free)} free; this recording needs about {human_bytes(2 * estimate)} "
+                            f"while it runs ({human_bytes(estimate)} for the bundle)")
     return warnings
 
 
@@ -92,8 +83,8 @@ def _is_full(e: OSError) -> bool:
 
 def _disk_full(e: OSError, path: Path, needed: int | None) -> OutputError:
     free = shutil.disk_usage(path.parent if path.parent.exists() else Path(".")).free
-    need = f"about {human(needed)} needed, " if needed else ""
-    return OutputError(f"no space left on the device writing {path}: {need}{human(free)} free")
+    need = f"about {human_bytes(needed)} needed, " if needed else ""
+    return OutputError(f"no space left on the device writing {path}: {need}{human_bytes(free)} free")
 # Rows copied at a time when laying out the final file: bounds memory during finalize.
 COPY_ROWS = 1 << 15
 
@@ -139,9 +130,7 @@ class BundleWriter:
                  lock: bool = True, spool_tag: str = ""):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {storage_dtype!r}")
-        self.path = Path(path)
-        if self.path.name.endswith(INDEX_SUFFIX):
-            self.path = self.path.with_name(self.path.name[: -len(".index.json")])
+        self.path = self.output_of(path)
         check_output(self.path)
         self.storage = STORAGE_DTYPES[storage_dtype]
         self.chunk_bytes = chunk_bytes
@@ -235,6 +224,10 @@ class BundleWriter:
         spool.chunk_rows.append(spool.buffered_rows)
         spool.buffered_rows = spool.buffered_bytes = 0
 
+    def flush_all(self) -> None:
+        for layer in self.layers:
+            self.flush(layer)
+
     def _save(self, name: str, array: np.ndarray) -> None:
         """np.save into the spool under a temporary name, renamed when complete."""
         tmp = self.spool / (name + ".tmp")
@@ -264,9 +257,8 @@ class BundleWriter:
 
     def write_journal(self, state: dict, arrays: dict[str, str]) -> None:
         """Flush every layer and write journal.json (renamed into place last): from here on,
-        `bundle_from_journal` rebuilds the bundle of the steps in `state` after any crash."""
-        for layer in self.layers:
-            self.flush(layer)
+        `dualtui recover` (record/journal.py) rebuilds the bundle of the steps in `state` after any crash."""
+        self.flush_all()
         journal = {
             "format": "dualtui.journal", "version": 1, "output": str(self.path), "storage": self.storage,
             "generation": self.generation,
@@ -307,11 +299,7 @@ class BundleWriter:
     def adopt(self, journal: dict, chunks_upto: dict[str, int] | None = None) -> None:
         """Take the journal's layers and chunks (the first chunks_upto[layer] of each)."""
         for name, lay in journal["layers"].items():
-            spec = LayerSpec(**{k: lay["spec"][k] for k in ("name", "kind", "in_features", "out_features", "bias",
-                                                             "patterns", "chunks")},
-                             extra={k: v for k, v in lay["spec"].items() if k not in
-                                    ("name", "kind", "in_features", "out_features", "bias", "patterns", "chunks")})
-            sp = _LayerSpool(spec, tuple(lay["fields"]), {f: [] for f in lay["fields"]})
+            sp = _LayerSpool(LayerSpec.from_json(lay["spec"]), tuple(lay["fields"]), {f: [] for f in lay["fields"]})
             keep = lay["chunks"] if chunks_upto is None else lay["chunks"][: chunks_upto.get(name, 0)]
             for c in keep:
                 sp.chunk_files.append({f: self.spool / n for f, n in c["files"].items()})
@@ -349,8 +337,7 @@ class BundleWriter:
         write too (a checkpoint's state_dict names it: a resumed job continues it)."""
         if os.environ.get("DUALTUI_STOP_IN_FINALIZE"):  # tests only: a signal lands here, deterministically
             os.kill(os.getpid(), signal.SIGSTOP)
-        for layer in self.layers:
-            self.flush(layer)
+        self.flush_all()
         target = partial_path(self.path) if partial and exists_bundle(self.path) else self.path
         tensors: list[PendingTensor] = []
         for spec in manifest.layers:
@@ -476,7 +463,7 @@ class BundleWriter:
             if f.name not in named:
                 _remove_quietly(f)
         size = sum(f.stat().st_size for f in self.spool.iterdir())
-        return (f"the journal of the first {steps} steps is kept in {self.spool} ({human(size)}): free some space "
+        return (f"the journal of the first {steps} steps is kept in {self.spool} ({human_bytes(size)}): free some space "
                 f"and run `dualtui recover {self.path}`, or delete that folder")
 
     def discard(self) -> None:

@@ -123,8 +123,8 @@ def rank_spools(spool: Path) -> list[Path] | None:
 def merge(journals: list[dict], out_writer: Any, loaders: list[Any]) -> tuple[dict, dict[str, str], list[Any]]:
     """Merge the ranks' journals into `out_writer` (a BundleWriter with a fresh spool): appends
     every layer's patterns in step order (rank order within a step) up to the step every rank
-    journaled. Returns (state, arrays of the rank whose state is used, that rank's loader) and
-    the merged train tables as arrays in out_writer's spool."""
+    journaled. Returns (the state of the rank with the oldest journal, the merged label and
+    task tables, that rank's index)."""
     from ..bundle.manifest import LayerSpec
 
     steps = [j["state"]["step"] for j in journals]
@@ -137,20 +137,14 @@ def merge(journals: list[dict], out_writer: Any, loaders: list[Any]) -> tuple[di
             raise RecorderError("the ranks recorded different layers: " + ", ".join(order))
     for L in order:
         lay = journals[base]["layers"][L]
-        spec = LayerSpec(**{k: lay["spec"][k] for k in ("name", "kind", "in_features", "out_features", "bias",
-                                                         "patterns", "chunks")},
-                         extra={k: v for k, v in lay["spec"].items()
-                                if k not in ("name", "kind", "in_features", "out_features", "bias", "patterns", "chunks")})
         fields = tuple(lay["fields"])
-        out_writer.add_layer(spec, with_position="position" in fields)
+        out_writer.add_layer(LayerSpec.from_json(lay["spec"]), with_position="position" in fields)
         cursors = [_Rows(j["layers"][L]["chunks"], loaders[r], fields) for r, j in enumerate(journals)]
-        for lo in range(0, upto, _STEP_BLOCK):
-            hi = min(upto, lo + _STEP_BLOCK)
-            for s in range(lo, hi):  # per step, rank order: the order of the global batch
-                for cur in cursors:
-                    rows = cur.take_step(s)
-                    if rows is not None:
-                        out_writer.append(L, **rows)
+        for s in range(upto):  # per step, rank order: the order of the global batch
+            for cur in cursors:
+                rows = cur.take_step(s)
+                if rows is not None:
+                    out_writer.append(L, **rows)
     # the label and task tables: each rank knows the examples it saw
     tables = {}
     for key in ("train/label", "train/task"):
@@ -169,9 +163,6 @@ def merge(journals: list[dict], out_writer: Any, loaders: list[Any]) -> tuple[di
     state["extra"] = {**state.get("extra", {}), "distributed": {"world_size": len(journals),
                                                                "merged_from_step": upto}}
     return state, tables, base
-
-
-_STEP_BLOCK = 256
 
 
 class _Rows:

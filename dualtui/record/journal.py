@@ -164,8 +164,6 @@ def write_merged(spools: list[Path], target: Path, *, partial: bool, state_updat
         state["query_sets"] = journals[0]["state"].get("query_sets", [])
         state["query_arrays"] = journals[0]["state"].get("query_arrays", {})
         specs = [writer.layers[name].spec for name in state["layer_order"]]
-        for spec in specs:
-            spec.extra = {k: v for k, v in spec.extra.items() if k not in ("patterns", "chunks")}
 
         def get(key: str) -> np.ndarray | None:
             if key in tables:
@@ -194,27 +192,20 @@ def recover(path: Path, out: Path | None = None) -> tuple[Path, dict]:
     spool = spools[0]
     ranks = rank_spools(spool)
     if ranks is not None:  # a data-parallel recording: its ranks' journals become one bundle
+        first = _read(ranks[0])
         state = {"recovered": f"from the journals of {len(ranks)} ranks (the recording never finished)",
-                 "interrupted": _read(ranks[0])["state"].get("interrupted") or "not finished (recovered from its journal)"}
-        target = Path(out) if out is not None else Path(_read(ranks[0])["output"])
+                 "interrupted": first["state"].get("interrupted") or "not finished (recovered from its journal)"}
+        target = Path(out) if out is not None else Path(first["output"])
         written, merged = write_merged(ranks, target, partial=True, state_update=state)
         for r in ranks:
             shutil.rmtree(r, ignore_errors=True)
         return written, merged
-    try:
-        journal = BundleWriter.read_journal(spool)
-    except (OSError, ValueError) as e:
-        raise RecorderError(f"{spool}: its journal cannot be read ({e})") from None
-    if journal.get("format") != "dualtui.journal":
-        raise RecorderError(f"{spool}: not a dualtui recording journal")
+    journal = _read(spool)
     state = journal["state"]
     target = Path(out) if out is not None else Path(journal["output"])
-    storage = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}[journal["storage"]]
-    writer = BundleWriter(target, storage_dtype=storage, spool=spool)  # also refuses a recording still running
+    writer = BundleWriter(target, storage_dtype=_STORAGE[journal["storage"]], spool=spool)  # also refuses a recording still running
     writer.adopt(journal)
     specs = [writer.layers[name].spec for name in state["layer_order"]]
-    for spec in specs:
-        spec.extra = {k: v for k, v in spec.extra.items() if k not in ("patterns", "chunks")}
     arrays = journal["arrays"]
 
     def get(key: str) -> np.ndarray | None:

@@ -1065,9 +1065,8 @@ class Recorder:
 
     def _save_once(self) -> None:
         """What never changes: the initial weights (in the bundle's layout) and the previews."""
-        f64 = self.storage_dtype == "float64"
-        for lay in self.layers.values():
-            self._save(f"init/{lay.name}/w", lay.w_init.double().numpy() if f64 else lay.w_init.double().numpy())
+        for lay in self.layers.values():  # float64 whatever the storage: compose() folds the coefficient in first
+            self._save(f"init/{lay.name}/w", lay.w_init.double().numpy())
             if lay.b_init is not None:
                 self._save(f"init/{lay.name}/b", lay.b_init.double().numpy())
         if self._train_inputs is not None:
@@ -1078,15 +1077,15 @@ class Recorder:
         return (self.step_count - self._journaled_step >= self.journal_every
                 or time.monotonic() - self._last_journal >= self.journal_seconds)
 
-    def _journal(self, tag: str | None = None) -> None:
+    def _journal(self, tag: str | None = None) -> dict:
         """Bring the journal up to date: commit the applied steps, save the current weights and
         tables, and rename journal.json into place (writer.write_journal). A signal waits
         until it is done: the commit moves patterns from memory to the spool, and stopping
-        half-way would lose a layer's share of them."""
+        half-way would lose a layer's share of them. Returns the state it journaled."""
         with self._signals_deferred():
-            self._journal_now(tag)
+            return self._journal_now(tag)
 
-    def _journal_now(self, tag: str | None) -> None:
+    def _journal_now(self, tag: str | None) -> dict:
         failure = None
         try:
             self._commit_pending()
@@ -1101,11 +1100,14 @@ class Recorder:
             self._save(key, tables[key], changing=True)
             if tag is not None:  # a checkpoint's own copy, for resume (the plain one keeps moving)
                 self._save(f"{key}@{tag}", tables[key])
-        self.writer.write_journal(self._journal_state(), dict(self._arrays))
+        self.writer.flush_all()  # first: the state names the chunks as they are on disk
+        state = self._journal_state()
+        self.writer.write_journal(state, dict(self._arrays))
         self._journaled_step = self.step_count
         self._last_journal = time.monotonic()
         if failure is not None:
             raise failure
+        return state
 
     def _journal_state(self) -> dict:
         return {
@@ -1138,9 +1140,8 @@ class Recorder:
         checkpoint (it is small: the spool holds the patterns). A job restarted from that
         checkpoint continues the same recording with `Recorder(..., resume=state)`; the final
         bundle equals the uninterrupted run's when the data order is the same."""
-        self._journal(tag=str(self.step_count))
+        state = self._journal(tag=str(self.step_count))
         self._checkpointed, self._checkpointed_step = True, self.step_count
-        state = self._journal_state()
         return {"format": "dualtui.recorder-state", "version": 1, "spool": str(self.writer.spool),
                 "output": str(self.writer.path), "step": self.step_count, "state": state, "arrays": dict(self._arrays)}
 
@@ -1172,13 +1173,14 @@ class Recorder:
             lay.steps, lay.bias_steps = steps_from_json(st["steps"]), steps_from_json(st["bias_steps"])
             lay.rule, lay.rule_used, lay.tie = st["rule"], st["rule_used"], st["tie"]
             lay.spec = self.writer.layers[lay.name].spec
-            lay.w_init = torch.from_numpy(self.writer.load_array(arrays[f"init/{lay.name}/w"]))
-            if lay.spec.bias:
-                lay.b_init = torch.from_numpy(self.writer.load_array(arrays[f"init/{lay.name}/b"]))
-        for key, file in arrays.items():
+        for key, file in arrays.items():  # what never changes, loaded once
             if key.startswith("init/") or key == "train/input" or key.startswith("queries/"):
                 self._arrays[key] = file
                 self._live[key] = self.writer.load_array(file)
+        for lay in self.layers.values():
+            lay.w_init = torch.from_numpy(self._live[f"init/{lay.name}/w"])
+            if lay.spec.bias:
+                lay.b_init = torch.from_numpy(self._live[f"init/{lay.name}/b"])
         tag = str(state["step"])
         self._train_labels = torch.from_numpy(self.writer.load_array(arrays[f"train/label@{tag}"]))
         self._train_tasks = torch.from_numpy(self.writer.load_array(arrays[f"train/task@{tag}"]))
@@ -1217,21 +1219,20 @@ class Recorder:
         if self.writer.failed:  # a write already failed while training: nothing more is tried
             raise OutputError(self.writer.failed)
         try:
-            self._journal()
+            state = self._journal()
         except RecorderError as e:  # a late gradient-scale failure: kept in the bundle, said there
             if str(e) not in self.check_failures:
                 self.check_failures.append(str(e))
-            self.writer.write_journal(self._journal_state(), dict(self._arrays))
-        state = self._journal_state()
-        specs = [lay.spec for lay in self.layers.values()]
-        manifest, static, transform = compose(state, specs, self._live.get)
+            state = self._journal_state()
+            self.writer.write_journal(state, dict(self._arrays))
         partial = self.interrupted is not None
         # An interrupted run whose checkpoint named the spool (state_dict) keeps it: the job
         # restarted from that checkpoint continues the recording (resume=).
         keep = partial and self._checkpointed
-        if self.world:
+        if self.world:  # rank 0 composes the bundle from every rank's journal
             self.path_written = self._finish_merged(partial, keep)
         else:
+            manifest, static, transform = compose(state, [lay.spec for lay in self.layers.values()], self._live.get)
             self.path_written = self.writer.finalize(manifest, static, transform, partial=partial, keep_spool=keep)
         if keep:
             print(f"dualtui: kept the recording's spool {self.writer.spool} for a resume from the checkpoint "
