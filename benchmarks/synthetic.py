@@ -74,6 +74,11 @@ def write_synthetic(path: str | Path, patterns: int, in_features: int = 128, out
         version=1,  # the version-1 layout (one query row per test item), which readers keep reading
     )
     tmp = path.with_name(path.name + ".tmp")
-    write_file(tmp, tensors, {METADATA_KEY: manifest.to_json()})
+
+    def metadata(digests: dict[str, str]) -> dict[str, str]:  # checksummed like a recorded bundle
+        manifest.checksums = {"algorithm": "xxh3-128", "tensors": digests}
+        return {METADATA_KEY: manifest.to_json()}
+
+    write_file(tmp, tensors, {}, checksum="xxh3-128", finish=metadata)
     tmp.replace(path)
     return path

@@ -452,12 +452,12 @@ def test_crash_in_write_file_leaves_old_bundle_untouched(tmp_path: Path, monkeyp
     real = writer_mod.write_file
     calls = []
 
-    def crashing(path, tensors, metadata):
+    def crashing(path, tensors, metadata, **kw):
         calls.append(Path(path).name)
         if len(calls) == (2 if sharded else 1):
-            real(path, tensors, metadata)  # the bytes are all there; the crash comes before the rename
+            real(path, tensors, metadata, **kw)  # the bytes are all there; the crash comes before the rename
             raise OSError(28, "No space left on device (simulated)")
-        return real(path, tensors, metadata)
+        return real(path, tensors, metadata, **kw)
 
     monkeypatch.setattr(writer_mod, "write_file", crashing)
     writer = BundleWriter(final, chunk_bytes=200, max_shard_bytes=600 if sharded else 4 << 30)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import errors
+from .checksums import parse as checksum_entry
 
 FORMAT = "dualtui.bundle"
 VERSION = 2  # what writers write
@@ -93,6 +95,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     query_sets: list[QuerySetSpec] = field(default_factory=list)
     attribution: dict[str, Any] | None = None  # the recorder's attribution check (version 2)
+    # {"algorithm": ..., "tensors": {name: hex}} (bundle/checksums.py); None: written before
+    # checksums existed, or by a writer that does not store them
+    checksums: dict[str, Any] | None = None
 
     def layer(self, name: str) -> LayerSpec:
         for spec in self.layers:
@@ -130,6 +135,10 @@ class Manifest:
             d["query_sets"] = [q.to_json() for q in self.query_sets]
             if self.attribution is not None:
                 d["attribution"] = self.attribution
+        if self.checksums is not None:
+            d["checksums"] = self.checksums
+        else:
+            d.pop("checksums", None)  # a rewritten bundle's old digests would no longer hold
         return json.dumps(d)
 
 
@@ -239,7 +248,13 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
                      f"query set {q.name!r} keeps rows 'all' but lists partial_layers")
         attribution = d.get("attribution")
         _require(attribution is None or isinstance(attribution, dict), path, "'attribution' must be an object")
-    top_known = {"format", "version", "layers", "tasks", "classes", "input", "optimizer", "training"}
+        if attribution is not None:
+            _check_attribution(attribution, path)
+    checksums = d.get("checksums")
+    if checksums is not None:
+        parsed = checksum_entry(checksums)
+        _require(not isinstance(parsed, str), path, parsed if isinstance(parsed, str) else "")
+    top_known = {"format", "version", "layers", "tasks", "classes", "input", "optimizer", "training", "checksums"}
     if version >= 2:
         top_known |= {"query_sets", "attribution"}
     return Manifest(
@@ -253,7 +268,33 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
         extra={k: v for k, v in d.items() if k not in top_known},
         query_sets=query_sets,
         attribution=attribution,
+        checksums=checksums,
     )
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_attribution(a: dict, path: object) -> None:
+    """The keys of `attribution` that readers print have the types docs/format.md section 6 gives."""
+    def bad(key: str, what: str) -> str:
+        return f"'attribution.{key}' must be {what}"
+
+    _require(isinstance(a.get("checked", False), bool), path, bad("checked", "true or false"))
+    _require(isinstance(a.get("ok", True), bool), path, bad("ok", "true or false"))
+    steps = a.get("steps", [])
+    _require(isinstance(steps, list) and all(_is_int(x) and x >= 0 for x in steps), path, bad("steps", "a list of step numbers"))
+    for key in ("max_relative_error", "tolerance"):
+        _require(key not in a or _is_number(a[key]), path, bad(key, "a finite number"))
+    layers = a.get("layers", {})
+    _require(isinstance(layers, dict) and all(v is None or _is_number(v) for v in layers.values()), path,
+             bad("layers", "an object of finite numbers"))
+    for key in ("unchecked_layers", "coupled_layers", "skipped"):
+        v = a.get(key, [])
+        _require(isinstance(v, list) and all(isinstance(x, str) for x in v), path, bad(key, "a list of strings"))
+    for key in ("reason", "method", "failed"):
+        _require(a.get(key) is None or isinstance(a[key], str), path, bad(key, "a string"))
 
 
 def _parse_query_sets(raw: Any, path: object) -> list[QuerySetSpec]:

@@ -155,6 +155,11 @@ class Bundle:
         row = (info.end - info.start) // max(info.shape[0], 1) if info.shape else 0
         self._files[name].release(info.start + start * row, info.start + stop * row)
 
+    def digest(self, name: str, algorithm: str) -> str:
+        """The checksum of a tensor's stored bytes (bundle/checksums.py)."""
+        self.info(name)
+        return self._files[name].digest(name, algorithm)
+
     @property
     def tensor_names(self) -> list[str]:
         return list(self._files)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import errors
+from . import checksums, errors
 
 # Same cap as the reference implementation: a header is JSON describing tensors, never data.
 MAX_HEADER_BYTES = 100_000_000
@@ -174,6 +174,11 @@ class MappedFile:
         buf = self._buffer()[info.start : info.end]
         return buf.view(DTYPES[info.dtype]).reshape(info.shape)
 
+    def digest(self, name: str, algorithm: str) -> str:
+        """The checksum of a tensor's stored bytes, read piece by piece (pages released after)."""
+        info = self.header.tensors[name]
+        return checksums.digest_of(self._buffer(), info.start, info.end, algorithm, self.release)
+
     def release(self, start: int, end: int) -> None:
         """Drop our mapping of file bytes [start, end) that a stream has finished with.
 
@@ -224,31 +229,60 @@ class PendingTensor:
         return n
 
 
-def build_header(tensors: list[PendingTensor], metadata: dict[str, str]) -> bytes:
+def build_header(tensors: list[PendingTensor], metadata: dict[str, str], length: int | None = None) -> bytes:
+    """The 8-byte length and the JSON header; `length`: pad the JSON to exactly that many bytes
+    (a header rewritten in place must keep its size)."""
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for t in tensors:
         entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    raw += b" " * ((-len(raw)) % 8)  # pad so tensor data starts 8-byte aligned for mmap views
+    if length is None:
+        raw += b" " * ((-len(raw)) % 8)  # pad so tensor data starts 8-byte aligned for mmap views
+    elif len(raw) <= length:
+        raw += b" " * (length - len(raw))  # trailing spaces are JSON whitespace, as the padding above
+    else:
+        raise RuntimeError(f"internal error: the rewritten header is {len(raw)} bytes, {length} were reserved")
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_file(path: str | os.PathLike, tensors: list[PendingTensor], metadata: dict[str, str]) -> None:
-    """Stream tensors into `path` (not atomic by itself: callers write to a temp name)."""
+def write_file(path: str | os.PathLike, tensors: list[PendingTensor], metadata: dict[str, str], *,
+               checksum: str | None = None,
+               finish: Callable[[dict[str, str]], dict[str, str]] | None = None) -> dict[str, str]:
+    """Stream tensors into `path` (not atomic by itself: callers write to a temp name).
+
+    `checksum`: hash each tensor's bytes as they stream (bundle/checksums.py) and return
+    {tensor name: hex digest}. `finish(digests)`: the metadata depends on the digests (the
+    manifest holds them), so the header is first written with same-length placeholders and
+    rewritten in place once the data has streamed: one pass over the data, never two.
+    """
+    digests: dict[str, str] = {}
+    if finish is not None:
+        assert checksum is not None, "finish() needs the digests of a checksum"
+        metadata = finish({t.name: checksums.placeholder(checksum) for t in tensors})
     with open(path, "wb") as f:
-        f.write(build_header(tensors, metadata))
+        header = build_header(tensors, metadata)
+        f.write(header)
         for t in tensors:
+            h = checksums.hasher(checksum) if checksum else None
             written = 0
             for piece in t.produce():
                 data = piece.tobytes() if isinstance(piece, np.ndarray) else bytes(piece)
                 f.write(data)
+                if h is not None:
+                    h.update(data)
                 written += len(data)
             if written != t.nbytes:
                 raise RuntimeError(f"internal error: tensor {t.name} produced {written} bytes, expected {t.nbytes}")
+            if h is not None:
+                digests[t.name] = h.hexdigest()
+        if finish is not None:
+            f.seek(0)
+            f.write(build_header(tensors, finish(digests), length=len(header) - 8))
         f.flush()
         os.fsync(f.fileno())
+    return digests
 
 
 def iter_rows(array: np.ndarray, rows: int) -> Iterator[np.ndarray]:

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..units import human_bytes
+from . import checksums
 from .manifest import METADATA_KEY, LayerSpec, Manifest
 from .reader import INDEX_SUFFIX
 from .safetensors_io import DTYPES, PendingTensor, iter_rows, write_file
@@ -356,7 +357,7 @@ class BundleWriter:
         self._value_transform = value_transform
         needed = sum(t.nbytes for t in tensors)
         try:
-            out = self._write(target, tensors, {METADATA_KEY: manifest.to_json()})
+            out = self._write(target, tensors, manifest)
         except OSError as e:
             for tmp in self.spool.glob("*.tmp"):
                 _remove_quietly(tmp)
@@ -390,7 +391,15 @@ class BundleWriter:
 
         return PendingTensor(name, self.storage, tuple(arr.shape), values)
 
-    def _write(self, target: Path, tensors: list[PendingTensor], metadata: dict[str, str]) -> Path:
+    def _write(self, target: Path, tensors: list[PendingTensor], manifest: Manifest) -> Path:
+        """Lay out the tensors in one file or a sharded set; the manifest gets each tensor's
+        checksum, computed as it streams (one pass over the data)."""
+        algorithm = checksums.DEFAULT
+
+        def metadata(digests: dict[str, str]) -> dict[str, str]:
+            manifest.checksums = {"algorithm": algorithm, "tensors": digests}
+            return {METADATA_KEY: manifest.to_json()}
+
         shards: list[list[PendingTensor]] = [[]]
         size = 0
         for t in tensors:
@@ -403,7 +412,7 @@ class BundleWriter:
         old_shards = _shards_of(index_path)
         if len(shards) == 1:
             tmp = self.spool / "bundle.safetensors.tmp"
-            write_file(tmp, shards[0], metadata)
+            write_file(tmp, shards[0], {}, checksum=algorithm, finish=metadata)
             os.replace(tmp, target)
             # A sharded set of the same name would be shadowed by the file anyway; drop it.
             _remove_quietly(index_path)
@@ -415,10 +424,11 @@ class BundleWriter:
         n = len(shards)
         gen = secrets.token_hex(4)  # this write's shards never share a name with the set it replaces
         names = [f"{stem}-{gen}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        digests: dict[str, str] = {}
         for shard_name, shard in zip(names, shards):
-            write_file(self.spool / shard_name, shard, {"format": "pt"})
+            digests.update(write_file(self.spool / shard_name, shard, {"format": "pt"}, checksum=algorithm))
         weight_map = {t.name: shard_name for shard_name, shard in zip(names, shards) for t in shard}
-        index = {"metadata": {**metadata, "total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+        index = {"metadata": {**metadata(digests), "total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
         tmp_index = self.spool / "index.json.tmp"
         tmp_index.write_text(json.dumps(index, indent=1))
         # New shards beside the old set first, the index switched last (atomically), the old

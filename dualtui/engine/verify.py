@@ -35,6 +35,47 @@ class LayerCheck:
 
 
 @dataclass
+class ChecksumCheck:
+    """The per-tensor checksums of the manifest, recomputed (bundle/checksums.py)."""
+
+    algorithm: str | None  # None: the bundle stores none (or they were skipped)
+    checked: int = 0
+    changed: list[str] = field(default_factory=list)  # stored bytes differ from what the writer hashed
+    missing: list[str] = field(default_factory=list)  # hashed by the writer, gone from the bundle
+    unlisted: list[str] = field(default_factory=list)  # in the bundle, unknown to the writer (added later)
+    skipped: bool = False  # --no-checksums
+
+    @property
+    def ok(self) -> bool:
+        return not (self.changed or self.missing or self.unlisted)
+
+    @property
+    def problems(self) -> list[str]:
+        return ([f"tensor {n!r} changed since it was written" for n in self.changed]
+                + [f"tensor {n!r} is missing (the writer stored it)" for n in self.missing]
+                + [f"tensor {n!r} was added after the bundle was written" for n in self.unlisted])
+
+
+def verify_checksums(bundle: Bundle) -> ChecksumCheck:
+    """Recompute every tensor's checksum, streaming each tensor's bytes once."""
+    stored = bundle.manifest.checksums
+    if stored is None:
+        return ChecksumCheck(None)
+    algorithm, digests = stored["algorithm"], stored["tensors"]
+    check = ChecksumCheck(algorithm)
+    present = set(bundle.tensor_names)
+    for name, digest in digests.items():
+        if name not in present:
+            check.missing.append(name)
+            continue
+        check.checked += 1
+        if bundle.digest(name, algorithm) != digest:
+            check.changed.append(name)
+    check.unlisted = sorted(present - set(digests))
+    return check
+
+
+@dataclass
 class VerifyReport:
     path: str
     layers: list[LayerCheck] = field(default_factory=list)
@@ -42,17 +83,21 @@ class VerifyReport:
     # recorded before the check existed).
     attribution: dict | None = None
     not_covered: list[str] | None = None
+    checksums: ChecksumCheck = field(default_factory=lambda: ChecksumCheck(None))
 
     @property
     def ok(self) -> bool:
-        """Every layer within tolerance, and no failed attribution check in the recording."""
-        return all(layer.ok for layer in self.layers) and not (self.attribution or {}).get("failed")
+        """Every checksum matches, every layer within tolerance, and no failed attribution
+        check in the recording."""
+        return (self.checksums.ok and all(layer.ok for layer in self.layers)
+                and not (self.attribution or {}).get("failed"))
 
     def to_json(self) -> dict:
         return {"bundle": self.path, "ok": self.ok, "layers": [asdict(layer) for layer in self.layers],
                 "attribution": self.attribution if self.attribution is not None else
                 {"checked": False, "reason": "recorded before the attribution check existed (format version 1)"},
-                "not_covered": self.not_covered}
+                "not_covered": self.not_covered,
+                "checksums": {**asdict(self.checksums), "ok": self.checksums.ok}}
 
 
 def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
@@ -158,13 +203,21 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
     return LayerCheck(layer, spec.kind, storage, spec.patterns, weight_err, bias_err, out_err, tolerance, rounding, ok)
 
 
-def verify_bundle(bundle: Bundle, check_contents: bool = True) -> VerifyReport:
-    """Validate contents (ids, order, finiteness; raises BundleError) then check every layer."""
-    if check_contents:
-        bundle.validate_contents()
+def verify_bundle(bundle: Bundle, check_contents: bool = True, checksums: bool = True) -> VerifyReport:
+    """Recompute the checksums, validate contents (ids, order, finiteness; raises BundleError),
+    then check every layer. A bundle whose bytes are not what its writer wrote is reported as
+    such and its layers are not checked: any number computed from it would mislead."""
     nc = bundle.manifest.extra.get("not_covered")
     report = VerifyReport(str(bundle.path), attribution=bundle.manifest.attribution,
                           not_covered=list(nc) if isinstance(nc, list) else None)
+    if checksums:
+        report.checksums = verify_checksums(bundle)
+        if not report.checksums.ok:
+            return report
+    else:
+        report.checksums = ChecksumCheck(None, skipped=True)
+    if check_contents:
+        bundle.validate_contents()
     for spec in bundle.manifest.layers:
         report.layers.append(verify_layer(bundle, spec.name))
     return report

@@ -63,7 +63,9 @@ class OverviewPane(VerticalScroll):
             t.append("\n")
         if m.optimizer:
             t.append("optimizer: ", style="bold")
-            t.append(", ".join(f"{k}={_short(v)}" for k, v in m.optimizer.items() if v not in (None, False, 0, 0.0)) + "\n")
+            # per-group settings (lists of objects) are `dualtui info`'s to show, one line per group
+            t.append(", ".join(f"{k}={_short(v)}" for k, v in m.optimizer.items()
+                               if not isinstance(v, (list, dict)) and v not in (None, False, 0, 0.0)) + "\n")
         if m.training:
             t.append("training: ", style="bold")
             t.append(", ".join(f"{k}={_short(v)}" for k, v in m.training.items() if not isinstance(v, (list, dict)) and v is not None))
