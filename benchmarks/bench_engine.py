@@ -11,6 +11,9 @@
 3. CPU compute dtype: matvec over 1M×width keys stored as float32 / float16 / bfloat16,
    computed natively vs widened to float32 first.
 4. Batching: `votes` over the whole digits test set (all layers): patterns × queries / s.
+5. Validation: the per-block checks of streamed ids and floats (engine/stream.py, issue 12)
+   on vs off, same bundle, interleaved: rank by attention (keys only) and by effect with
+   example grouping, masses and summary (keys, values, steps, example ids).
 """
 
 from __future__ import annotations
@@ -151,6 +154,32 @@ def batching() -> list[dict]:
     return rows
 
 
+def block_checks(tmp: Path, sizes: list[int], width: int) -> list[dict]:
+    import dualtui.engine.stream as stream
+
+    rows = []
+    for n in sizes:
+        path = write_synthetic(tmp / f"checks-{n}.safetensors", n, in_features=width)
+        b = Bundle.open(path)
+        for label, kw in (("attention", dict(by=["attention"], groups=["pattern"], summary=False, masses=False)),
+                          ("effect+example+masses", dict(by=["effect"], groups=["pattern", "example"], summary=True, masses=True))):
+            run = lambda: spotlights(b, "fc", [0], top=10, reverse=[False], device="cpu", **kw)  # noqa: E731
+            run()  # page cache warm
+            on, off = [], []
+            for _ in range(5):  # interleaved: drift in the machine's load hits both alike
+                stream.CHECK_BLOCKS = True
+                on.append(_median_time(run, reps=1))
+                stream.CHECK_BLOCKS = False
+                off.append(_median_time(run, reps=1))
+            stream.CHECK_BLOCKS = True
+            t_on, t_off = statistics.median(on), statistics.median(off)
+            rows.append({"patterns": n, "score": label, "checked_s": t_on, "unchecked_s": t_off, "ratio": t_on / t_off})
+            print(f"  checks {n:>10,} patterns, {label:22s}: checked {t_on * 1e3:8.1f} ms | unchecked {t_off * 1e3:8.1f} ms "
+                  f"| ratio {t_on / t_off:.3f}", flush=True)
+        path.unlink()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e5,1e6,1e7")
@@ -158,7 +187,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tmp", type=Path, default=None, help="where to write synthetic bundles (needs ~6 GB for 1e7)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: roofline,memory,dtype,batching")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: roofline,memory,dtype,batching,checks")
+    ap.add_argument("--check-sizes", default="1e6,4e6", help="bundle sizes (patterns) for the validation part")
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     skip = set(filter(None, args.skip.split(",")))
@@ -182,6 +212,10 @@ def main() -> None:
     if "batching" not in skip:
         print("## batching: votes over the digits test set", flush=True)
         results["batching"] = batching()
+    if "checks" not in skip:
+        print("## validation: per-block id and float checks on vs off", flush=True)
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            results["block_checks"] = block_checks(Path(d), [int(float(x)) for x in args.check_sizes.split(",")], args.width)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

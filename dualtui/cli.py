@@ -168,6 +168,9 @@ def info_json(bundle: Any) -> dict:
         "optimizer": m.optimizer,
         "training": m.training,
         **({"not_covered": m.extra["not_covered"]} if "not_covered" in m.extra else {}),
+        # what `verify` checks the tensors against (the digests themselves are in the manifest)
+        "checksums": ({"algorithm": m.checksums["algorithm"], "tensors": len(m.checksums["tensors"])}
+                      if m.checksums is not None else None),
     }
 
 
@@ -233,6 +236,9 @@ def info(
     if "not_covered" in d:  # recorded by the Recorder since the text runs; older bundles lack it
         nc = d["not_covered"]
         out.print("not covered by the dual form: " + ", ".join(nc) if nc else "every trained parameter is covered by the dual form")
+    cs = d["checksums"]
+    out.print(f"checksums: {cs['algorithm']} of {cs['tensors']} tensors (`dualtui verify` checks them)" if cs else
+              "checksums: none stored (written before dualtui stored them, or by another writer)")
 
 
 def _attribution_line(a: dict) -> str:
@@ -261,15 +267,18 @@ def _attribution_line(a: dict) -> str:
 def verify(
     bundle: Path = typer.Argument(..., help="A .safetensors bundle or a sharded .safetensors.index.json."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+    no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip recomputing the per-tensor checksums."),
 ) -> None:
-    """Prove primal == dual for every layer: weight vs w0 + valuesᵀ keys, bias, and test outputs.
+    """Prove primal == dual for every layer: weight vs w0 + valuesᵀ keys, bias, and test outputs;
+    first, every tensor's checksum against the one its writer stored.
 
-    Exit 0 when every layer is within tolerance, 1 when one is not, 3 when the bundle is invalid.
+    Exit 0 when every checksum matches and every layer is within tolerance, 1 when a tensor
+    changed since it was written or a layer is not within tolerance, 3 when the bundle is invalid.
     """
     from .engine.verify import verify_bundle
 
     b = _open(bundle)
-    report = verify_bundle(b)
+    report = verify_bundle(b, checksums=not no_checksums)
     if as_json:
         _emit_json(report.to_json())
     else:
@@ -278,6 +287,14 @@ def verify(
         out = _stdout()
         from rich.text import Text
 
+        cs = report.checksums
+        if not cs.ok:
+            for problem in cs.problems:
+                out.print(Text(f"checksum: {literal(problem)}", style="red"))
+            out.print(Text(f"the bundle is not what its writer wrote ({len(cs.problems)} of {cs.checked + len(cs.unlisted)} "
+                           f"tensors, {cs.algorithm}); its layers were not checked", style="red"))
+            raise typer.Exit(int(ExitCode.CHECK_FAILED))
+        out.print(_checksum_line(cs), markup=False)
         t = Table("layer", "storage", "patterns", "weight err", "bias err", "output err", "tolerance", "", box=None, pad_edge=False)
         fmt = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
         for c in report.layers:
@@ -299,6 +316,14 @@ def verify(
         out.print(_attribution_line(report.to_json()["attribution"]), markup=False)
     if not report.ok:
         raise typer.Exit(int(ExitCode.CHECK_FAILED))
+
+
+def _checksum_line(cs) -> str:
+    if cs.skipped:
+        return "checksums: not checked (--no-checksums)"
+    if cs.algorithm is None:
+        return "checksums: none stored (a bundle written before dualtui stored them, or by another writer)"
+    return f"checksums: all {cs.checked} tensors match ({cs.algorithm})"
 
 
 # ----------------------------------------------------------------------------- record
@@ -528,17 +553,34 @@ def open_cmd(
     test: int = typer.Option(0, "--test", "-t", help="Test item to start on."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer to start on (default: the last)."),
     queries: Optional[str] = typer.Option(None, "--queries", "-q", help="Query set to start on (default: test)."),
+    export_dir: Optional[Path] = typer.Option(None, "--export-dir", envvar="DUALTUI_EXPORT_DIR",
+                                              help="Folder for the app's exports (x: CSV, j: JSON, s: SVG); default: "
+                                                   "the current folder. Existing files are never overwritten."),
 ) -> None:
-    """Browse a run in the terminal: test items, ranked training patterns, layers, tasks and time."""
+    """Browse a run in the terminal: test items, ranked training patterns, layers, tasks and time.
+
+    Exit 0 when you quit, 3 when the bundle is invalid (before any screen), 4 when the export
+    folder cannot be written, 1 when the app stopped on an internal error.
+    """
+    import os
+
     from .cli_spotlight import _layer, _queries, _test
 
+    folder = export_dir if export_dir is not None else Path.cwd()
+    if not folder.is_dir():
+        fail(ExitCode.OUTPUT, f"--export-dir {folder}: not a folder (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(ExitCode.OUTPUT, f"--export-dir {folder}: the folder is not writable")
     b = _open(bundle)  # an invalid bundle is a one-line error (exit 3) before any screen appears
     qname = _queries(b, queries)
     layer, test = _layer(b, layer), _test(b, test, qname)  # the same checks and messages as `rank`
     from .tui.app import DualtuiApp
     from .tui.model import OpenRun
 
-    DualtuiApp(OpenRun(b, qname), test=test, layer=layer).run()
+    tui = DualtuiApp(OpenRun(b, qname), test=test, layer=layer, export_dir=folder)
+    tui.run()
+    if tui.return_code:  # Textual has shown what went wrong; the shell must not see success
+        raise typer.Exit(int(ExitCode.CHECK_FAILED) if tui.return_code == 1 else tui.return_code)
 
 
 # The scripted spotlight commands register themselves on `app`.

@@ -38,7 +38,11 @@ def base(tmp_path_factory) -> Path:
 
 def _load(base: Path) -> tuple[dict, dict]:
     meta = safe_open(str(base), "np").metadata()
-    return dict(load_file(str(base))), json.loads(meta["dualtui"])
+    m = json.loads(meta["dualtui"])
+    # As a writer that stores no checksums would leave it: what is tested here is what every
+    # command validates (test_checksums.py: what the checksums add).
+    m.pop("checksums", None)
+    return dict(load_file(str(base))), m
 
 
 def _write(path: Path, tensors: dict, manifest: dict | str) -> Path:
@@ -173,7 +177,7 @@ def test_the_app_draws_markup_and_escapes_in_names_as_text(base: Path, tmp_path:
     b = Bundle.open(_write(tmp_path / "app.safetensors", t, m))
 
     async def drive() -> str:
-        a = DualtuiApp(OpenRun(b, b.default_query_set), test=0, layer="net.4")
+        a = DualtuiApp(OpenRun(b, b.default_query_set), test=0, layer="net.4", export_dir=tmp_path)
         async with a.run_test(size=(110, 32)) as pilot:
             for key in ["tab", "tab", "tab", "j", "down", "tab"]:
                 await pilot.press(key)
@@ -183,3 +187,29 @@ def test_the_app_draws_markup_and_escapes_in_names_as_text(base: Path, tmp_path:
     svg = asyncio.run(drive())
     assert "\x1b" not in svg and "\x07" not in svg
     assert "␛]0;PWNED␇" in svg or "PWNED" in svg
+
+
+@pytest.mark.parametrize("case, cmd, message", [
+    ("NaN in values", ["rank", "--test", "0", "--by", "effect"], "values hold NaN/Inf"),
+    ("NaN in keys", ["votes"], "keys hold NaN/Inf"),
+    ("Inf in keys", ["rank", "--test", "0"], "keys hold NaN/Inf"),
+    ("huge finite keys", ["rank", "--test", "0", "--by", "magnitude"], "scores overflow float32"),
+    ("huge finite keys", ["mass", "--test", "0"], "scores overflow float32"),
+])
+def test_floats_the_engine_streams_are_proven_finite_by_their_scores(base: Path, tmp_path: Path, case, cmd, message) -> None:
+    """The engine checks streamed floats through the scores computed from them (cheaper than
+    testing every key): NaN/Inf in a key or value, and a finite key so large that its score
+    overflows, are each refused with one line, by the field that holds them."""
+    t, m = _load(base)
+    if case == "NaN in values":
+        _set(t, "layer/net.4/values", (5, 1), np.nan)
+    elif case == "NaN in keys":
+        _set(t, "layer/net.4/keys", (7, 3), np.nan)
+    elif case == "Inf in keys":
+        _set(t, "layer/net.4/keys", (9, 0), -np.inf)
+    else:
+        t["layer/net.4/keys"] = t["layer/net.4/keys"] * np.float32(1e37)
+    path = _write(tmp_path / "f.safetensors", t, m)
+    r = runner.invoke(app, [cmd[0], str(path), *cmd[1:], "--layer", "net.4"] if cmd[0] != "votes" else ["votes", str(path)])
+    assert r.exit_code == 3, r.output
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

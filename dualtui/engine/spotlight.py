@@ -20,7 +20,7 @@ import torch
 from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
 from .queryrows import ItemQueries, exact_scores, focus_outputs, item_rows, refocus
-from .stream import block_rows, compute_dtype, gather_rows, pick_device, stream_blocks
+from .stream import block_rows, ProductGuard, compute_dtype, gather_rows, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens, next_tokens, position_span
 from .tied import partner_learned
 from .topk import RunningTopK, top_of_dense
@@ -256,6 +256,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
     sq_sum = torch.zeros(M, dtype=f64, device=dev)
     learned = torch.zeros(M, spec.out_features, dtype=f64, device=dev)
 
+    guard = ProductGuard(bundle, layer, dev)
     for block in stream_blocks(bundle, layer, fields, dev, rows or block_rows(bundle, layer, max(M, len(qrows)))):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -268,6 +269,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
             scores["magnitude"] = iq.magnitude(alpha, v, k)
             scores["effect"] = iq.effect(a_rows, v, k)
             learned += iq.learned(alpha, v, k)
+        guard.add(scores.values())  # NaN/Inf in keys or values shows here
         for (b, r), acc in pattern_topk.items():
             acc.update(-scores[b] if r else scores[b], block.start)
         a64 = alpha.double()
@@ -297,6 +299,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
                 mass[(kind, "attention")].index_add_(0, ids, a64)
                 mass[(kind, "abs")].index_add_(0, ids, abs64)
                 mass[(kind, "effect")].index_add_(0, ids, eff64)
+    guard.done()  # before any number leaves: a block whose scores are not finite is refused
 
     results = [Spotlight(test=t, layer=layer) for t in tests]
     if want_summary:

@@ -85,28 +85,63 @@ def _host_blocks(bundle: Bundle, layer: str, fields: Sequence[str], rows: int) -
                 bundle.release(names[f][c], lo, hi)
 
 
-# Every block is checked as it streams (ids in range, floats finite): a command never computes
-# on, or prints, what the bundle cannot back (benchmarks/bench_engine.py measures the cost).
+# Every block is checked as it streams: a command never computes on, or prints, what the bundle
+# cannot back. Ids are checked here, in the producer (a min and a max per field: ~1% of a
+# block's matmul). Floats are checked by the consumer on what it computed from them
+# (`check_products`): a NaN or infinity in a key or value always makes the scores computed from
+# it non-finite (NaN·x = NaN, ±inf·0 = NaN), so testing the small score matrix proves the
+# block finite at a fraction of the cost of testing the block (torch.isfinite over a 32 MB
+# block costs ~14x its matvec: benchmarks/bench_engine.py, "validation").
 CHECK_BLOCKS = True
 
 
 def check_block(bundle: Bundle, layer: str, start: int, block: dict[str, torch.Tensor]) -> None:
+    """The per-pattern ids of a block in range (examples, steps, positions, embedding tokens)."""
     from ..bundle import errors
 
-    where = f"layer {layer!r} patterns {start}..{start + len(next(iter(block.values()))) - 1}"
     if "example" in block or "step" in block or "position" in block:
         none = torch.zeros(0, dtype=torch.int64)
-        bundle.check_ids(layer, where, block.get("example", none), block.get("step", none), block.get("position"))
+        bundle.check_ids(layer, _where(layer, start, block), block.get("example", none), block.get("step", none),
+                         block.get("position"))
     spec = bundle.layer_spec(layer)
-    for f in ("keys", "values"):
-        t = block.get(f)
-        if t is None:
-            continue
-        if f == "keys" and spec.kind == "embedding":
-            if len(t) and (int(t.min()) < 0 or int(t.max()) >= spec.in_features):
-                raise errors.IdOutOfRange(bundle.path, f"{where}: key token id outside 0..{spec.in_features - 1}")
-        elif not bool(torch.isfinite(t).all()):
-            raise errors.NonFinite(bundle.path, f"{where}: {f} hold NaN/Inf")
+    t = block.get("keys")
+    if t is not None and spec.kind == "embedding" and len(t) and (int(t.min()) < 0 or int(t.max()) >= spec.in_features):
+        raise errors.IdOutOfRange(bundle.path, f"{_where(layer, start, block)}: key token id outside 0..{spec.in_features - 1}")
+
+
+def _where(layer: str, start: int, block: dict[str, torch.Tensor]) -> str:
+    return f"layer {layer!r} patterns {start}..{start + len(next(iter(block.values()))) - 1}"
+
+
+class ProductGuard:
+    """Proves a pass's keys and values finite from the scores computed from them: one float32
+    sum per product per block, accumulated on the device (no synchronisation per block); at
+    the end of the pass (`done`) a non-finite sum is explained by an exact scan of the layer's
+    floats, or refused as an overflow of the scores."""
+
+    def __init__(self, bundle: Bundle, layer: str, device: torch.device):
+        self.bundle, self.layer = bundle, layer
+        self.bad = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, products) -> None:
+        if CHECK_BLOCKS:
+            for p in products:
+                if p.numel():
+                    self.bad += (~torch.isfinite(p.sum())).to(torch.int64)
+
+    def done(self) -> None:
+        if not CHECK_BLOCKS or not int(self.bad):
+            return
+        from ..bundle import errors
+
+        spec = self.bundle.layer_spec(self.layer)
+        fields = [f for f in ("keys", "values") if not (f == "keys" and spec.kind == "embedding")]
+        for start, block in _host_blocks(self.bundle, self.layer, fields, block_rows(self.bundle, self.layer)):
+            for f in fields:
+                if not bool(torch.isfinite(block[f]).all()):
+                    raise errors.NonFinite(self.bundle.path, f"{_where(self.layer, start, block)}: {f} hold NaN/Inf")
+        raise errors.NonFinite(self.bundle.path, f"layer {self.layer!r}: scores overflow float32 (keys, values or "
+                                                 "queries too large to score exactly)")
 
 
 def stream_blocks(bundle: Bundle, layer: str, fields: Sequence[str], device: torch.device,

@@ -11,7 +11,7 @@ import torch
 from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
 from .queryrows import ItemQueries
-from .stream import block_rows, compute_dtype, pick_device, stream_blocks
+from .stream import block_rows, ProductGuard, compute_dtype, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens
 
 
@@ -66,11 +66,15 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
             rows = _focus_only(rows)
         iq = ItemQueries.build(rows, spec, dev, compute_dtype(bundle, layer))
         acc = torch.zeros(n_classes, len(items), dtype=torch.float64, device=dev)
+        guard = ProductGuard(bundle, layer, dev)
         for block in stream_blocks(bundle, layer, fields, dev, block_rows(bundle, layer, max(len(rows), len(items)))):
             bt = bias_table[block.tensors["step"]] if bias_table is not None else None
-            a = iq.attention(iq.row_alpha(block.tensors["keys"], bt)).abs().double()
+            a = iq.attention(iq.row_alpha(block.tensors["keys"], bt))
+            guard.add([a])  # NaN/Inf in keys shows here
+            a = a.abs().double()
             ex = block.tensors["example"]
             acc.index_add_(0, label_of[ex] if next_token is None else next_token(ex, block.tensors["position"]), a)
+        guard.done()
         class_abs[:, lo : lo + len(items)] = acc.cpu().numpy()
     vote = class_abs.argmax(axis=0) if M else np.zeros(0, dtype=np.int64)
     label = qs.label

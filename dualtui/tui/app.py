@@ -14,7 +14,9 @@ from textual.worker import get_current_worker
 
 from ..engine.report import csv_text, ranking_dict
 from ..engine.spotlight import SCORES, Cancelled, Spotlight
+from ..literal import literal
 from .commands import DualtuiCommands
+from .export import safe_name, write_new
 from .help import HelpScreen
 from .messages import TestChosen
 from .model import OpenRun
@@ -66,6 +68,7 @@ class DualtuiApp(App[None]):
         self.reverse = False
         self.start_view = view
         self.export_dir = export_dir or Path.cwd()
+        self.exported: list[Path] = []  # every file this session wrote, in order
         self.results: dict[str, Spotlight] = {}
         self._cache: OrderedDict[tuple[str, int], dict[str, Spotlight]] = OrderedDict()  # (query set, item)
         self._generation = 0
@@ -212,10 +215,16 @@ class DualtuiApp(App[None]):
         self.push_screen(HelpScreen())
 
     def export_path(self, ext: str) -> Path:
+        """Where an export of the current ranking goes (the file actually written gets -2, -3,
+        ... when that name is taken: see `exported`)."""
         qs = self.open_run.queries_name
         item = f"test{self.test}" if qs == "test" else f"{qs}{self.test}"
-        name = f"dualtui-{item}-{self.layer}-{self.by}-{self.group}{'-reverse' if self.reverse else ''}.{ext}"
-        return self.export_dir / name
+        stem = f"dualtui-{item}-{self.layer}-{self.by}-{self.group}{'-reverse' if self.reverse else ''}"
+        return self.export_dir / safe_name(stem, ext)
+
+    def _wrote(self, path: Path) -> None:
+        self.exported.append(path)
+        self.notify(f"wrote {literal(str(path))}", markup=False)
 
     def action_export(self, fmt: str) -> None:
         spot = self.results.get(self.layer)
@@ -225,19 +234,24 @@ class DualtuiApp(App[None]):
         d = ranking_dict(self.open_run.bundle, spot, self.by, self.group, self.reverse, self.open_run.queries_name)
         path = self.export_path(fmt)
         try:
-            path.write_text(json.dumps(d, indent=2) + "\n" if fmt == "json" else csv_text(d["results"]))
+            path = write_new(self.export_dir, path.name,
+                             json.dumps(d, indent=2) + "\n" if fmt == "json" else csv_text(d["results"]))
         except OSError as e:
-            self.notify(f"could not write {path}: {e.strerror or e}", severity="error")
+            self.notify(f"could not write {literal(str(path))}: {e.strerror or e}", severity="error", markup=False)
             return
-        self.notify(f"wrote {path}")
+        self._wrote(path)
 
     def action_svg(self) -> None:
+        qs = self.open_run.queries_name
+        item = f"test{self.test}" if qs == "test" else f"{qs}{self.test}"
+        name = safe_name(f"dualtui-{item}-{self.layer}-screen", "svg")
         try:
-            path = self.save_screenshot(path=str(self.export_dir))
+            path = write_new(self.export_dir, name, self.export_screenshot())
         except OSError as e:
-            self.notify(f"could not save the screenshot: {e.strerror or e}", severity="error")
+            self.notify(f"could not save the screenshot in {literal(str(self.export_dir))}: {e.strerror or e}",
+                        severity="error", markup=False)
             return
-        self.notify(f"wrote {path}")
+        self._wrote(path)
 
 
 def run_app(bundle_path: Path, test: int = 0, layer: str | None = None) -> None:
