@@ -213,3 +213,35 @@ def test_floats_the_engine_streams_are_proven_finite_by_their_scores(base: Path,
     r = runner.invoke(app, [cmd[0], str(path), *cmd[1:], "--layer", "net.4"] if cmd[0] != "votes" else ["votes", str(path)])
     assert r.exit_code == 3, r.output
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+TEXT_SAMPLE = Path(__file__).resolve().parents[1] / "sample_runs" / "text-docstrings.safetensors"
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_a_context_the_file_cannot_back_is_refused_before_any_allocation(tmp_path: Path, windows: bool) -> None:
+    """input.context sizes per-token tables (examples × context): 2^20 passed the manifest's
+    bound but made `rank --group position` allocate 2.8 GB and die with a traceback."""
+    t, m = _load(TEXT_SAMPLE)
+    m["input"]["context"] = 1 << 20 if windows else 1 << 19
+    if not windows:
+        del t["train/input"]
+    path = _write(tmp_path / "ctx.safetensors", t, m)
+    for cmd in (["rank", "--test", "0", "--group", "position"], ["info"], ["votes"]):
+        r = runner.invoke(app, [cmd[0], str(path), *cmd[1:]])
+        _check(r, True, cmd)
+        assert "'input.context'" in r.stderr
+
+
+def test_a_header_of_a_million_tensors_is_refused_before_it_is_parsed(base: Path, tmp_path: Path) -> None:
+    raw = base.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header.update({f"x{i}": {"dtype": "F32", "shape": [0], "data_offsets": [end, end]} for i in range(300_000)})
+    text = json.dumps(header).encode()
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    r = runner.invoke(app, ["info", str(path)])
+    _check(r, True, ["info"])
+    assert "header lists 300,052 tensors, the limit is 200,000" in r.stderr

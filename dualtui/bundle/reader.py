@@ -281,6 +281,19 @@ class Bundle:
                     raise errors.ShapeMismatch(self.path, f"{name!r}: an image run's previews must be [N, H, W] or "
                                                           f"[N, H, W, 3]{f' matching input.shape {want}' if want else ''}, "
                                                           f"not {[self.info(name).shape[0], *px]}")
+        ctx = m.input.get("context") if m.input.get("kind") == "text" else None
+        if isinstance(ctx, int):
+            # Per-token tables are sized training examples × context: a manifest number must not
+            # size an allocation the file's own tensors cannot back (the windows hold context + 1
+            # tokens; without them, every (example, position) of a recorded window is a pattern).
+            if self.has("train/input") and len(self.info("train/input").shape) == 2:
+                width = self.info("train/input").shape[1]
+                if ctx > width:
+                    raise errors.BadManifest(self.path, f"'input.context' is {ctx}, but the training windows "
+                                                        f"('train/input') hold {width} tokens")
+            elif n_train * ctx > max(sum(spec.patterns for spec in m.layers), 1 << 20):
+                raise errors.BadManifest(self.path, f"'input.context' {ctx} × {n_train:,} training examples is more "
+                                                    "(example, position) pairs than the bundle has patterns")
         for qs in self._query_sets.values():
             self._validate_query_set(qs)
         if m.version >= 2:

@@ -22,6 +22,10 @@ from . import checksums, errors
 
 # Same cap as the reference implementation: a header is JSON describing tensors, never data.
 MAX_HEADER_BYTES = 100_000_000
+# Parsing a header costs ~1 KB of memory per tensor entry (1M empty tensors: ~1 GB, 12 s), so the
+# count is bounded before parsing. A recorded file holds layers × 5 fields × chunks of 32 MB
+# (a 4 GiB shard: a few hundred chunk tensors per layer); 200,000 is far above any of them.
+MAX_TENSORS = 200_000
 
 # safetensors dtype name -> numpy dtype used to map the bytes (bfloat16 is mapped as uint16
 # and widened on read, see `to_float32`).
@@ -102,6 +106,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise errors.NotSafetensors(path, "the header is not a JSON object")
     if len(raw) < header_len:
         raise errors.TruncatedFile(path, f"header needs {header_len} bytes, file has {len(raw)} after the length")
+    entries = raw.count(b'"data_offsets"')  # an upper bound on the tensors (names could hold it too)
+    if entries > MAX_TENSORS:
+        raise errors.HeaderTooLarge(path, f"header lists {entries:,} tensors, the limit is {MAX_TENSORS:,}")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:
