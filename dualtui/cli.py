@@ -18,6 +18,23 @@ import typer
 
 from .exit_codes import ExitCode
 
+
+def _flags_as_flags() -> None:
+    """Typer 0.29's help shows a type for every option, flags too (`--json <bool>`); a flag
+    takes no value, so it gets none. Guarded: a Typer without this hook is left alone."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    show = getattr(option, "display_type_rich", None)
+    if option is None or show is None:
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> Any:
+        return None if getattr(self, "is_flag", False) else show(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_flags_as_flags()
+
 app = typer.Typer(
     name="dualtui",
     help="Spotlights of attention: which training patterns a trained network uses for a prediction.",
@@ -458,7 +475,7 @@ def _report_recording(err: Any, result: Any, extra: dict, accuracy_label: str, a
 @handles_errors
 def record_text_cmd(
     corpus: Optional[list[Path]] = typer.Option(
-        None, "--corpus", "-c", help="UTF-8 text file to train on; repeat for several (each one is a task). "
+        None, "--corpus", "-c", metavar="<path>...", help="UTF-8 text file to train on; repeat for several (each one is a task). "
         "Default: the docstrings of Python's standard library, gathered at run time."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Bundle path (default: text-CORPUS.safetensors)."),
     context: int = typer.Option(32, min=2, help="Characters per training window (the model's context)."),

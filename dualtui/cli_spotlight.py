@@ -10,6 +10,8 @@ from typing import Any, Optional
 import typer
 
 from .cli import UsageError, _emit_json, _open, _stdout, app, handles_errors
+from .tables import Col, left_out_note, rich_table
+from .units import num
 
 
 class By(str, Enum):
@@ -99,7 +101,21 @@ def _check_formats(as_json: bool, as_csv: bool) -> None:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.4g}"
+    return num(x)
+
+
+def _score_cols(by: str, rows: list[dict], names: tuple[str, ...]) -> list[Col]:
+    """The raw score columns: the one equal to the chosen score ("score") is left out first
+    at a narrow width, then magnitude, then the others."""
+    order = {"magnitude": 3, "attention": 2, "effect": 2}
+    return [Col(n, [_fmt(r[n]) for r in rows], numeric=True, drop=4 if n == by else order[n]) for n in names]
+
+
+def _print_table(out: Any, cols: list[Col], **kw: Any) -> None:
+    t, left = rich_table(cols, out.width if out.is_terminal else None, **kw)
+    out.print(t)
+    if left:
+        out.print(left_out_note(left), style="dim")
 
 
 # ----------------------------------------------------------------------------- rank
@@ -138,7 +154,18 @@ def rank(
     as_json: bool = JSON_OPT,
     as_csv: bool = CSV_OPT,
 ) -> None:
-    """Training patterns (or examples) ranked by their score for one test item at one layer."""
+    """Training patterns (or examples) ranked by their score for one test item at one layer.
+
+    Scores (docs/format.md section 6), with k a pattern's key (the training input), v its value
+    (the scaled error signal), q the test item's input and g the gradient of its target logit:
+
+    attention α = k · q (+1 with a bias): unnormalised; training inputs with a large norm get a large α.
+
+    magnitude = |α| · ‖v‖: the size of the pattern's contribution α v to the layer's output.
+
+    effect = Σ_rows α (v · g): the pattern's first-order change of the target logit (exact at a last
+    layer, where the effects of all patterns plus the initial-weight term add up to the logit).
+    """
     _check_formats(as_json, as_csv)
     b = _open(bundle)
     qname = _queries(b, queries)
@@ -152,7 +179,6 @@ def rank(
     if as_csv:
         _write_csv(d["results"])
         return
-    from rich.table import Table
 
     classes, tasks = b.manifest.classes, b.manifest.tasks
     name = lambda names, i: names[i] if 0 <= i < len(names) else str(i)  # noqa: E731
@@ -163,20 +189,21 @@ def rank(
         return
     item = f"test {m}" if qname == "test" else f"{qname} {m}"
     out.print(f"{item} (label {name(classes, d['test_label'])}, predicted {name(classes, d['test_prediction'])}) · layer {L} · {order}")
-    cols = ["rank", "score", "attention", "magnitude", "effect"] + (["pattern", "step"] if group == Group.pattern else ["patterns"]) + ["example", "label", "task"]
-    t = Table(*cols, box=None, pad_edge=False)
-    for r in d["results"]:
-        row = [str(r["rank"]), _fmt(r["score"]), _fmt(r["attention"]), _fmt(r["magnitude"]), _fmt(r["effect"])]
-        row += [str(r["pattern"]), str(r["step"])] if group == Group.pattern else [str(r["patterns"])]
-        row += [str(r["example"]), name(classes, r["label"]), name(tasks, r["task"])]
-        t.add_row(*row)
-    out.print(t)
+    rows = d["results"]
+    pat = group == Group.pattern
+    cols = [Col("rank", [str(r["rank"]) for r in rows], numeric=True), Col("score", [_fmt(r["score"]) for r in rows], numeric=True),
+            *_score_cols(by.value, rows, ("attention", "magnitude", "effect"))]
+    cols += ([Col("pattern", [str(r["pattern"]) for r in rows], numeric=True, drop=1),
+              Col("step", [str(r["step"]) for r in rows], numeric=True, drop=1)] if pat else
+             [Col("patterns", [str(r["patterns"]) for r in rows], numeric=True, drop=1)])
+    cols += [Col("example", [str(r["example"]) for r in rows], numeric=True), Col("label", [name(classes, r["label"]) for r in rows]),
+             Col("task", [name(tasks, r["task"]) for r in rows], drop=1)]
+    _print_table(out, cols)
 
 
 def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list[str], tasks: list[str]) -> None:
     """Text runs: each result as the training text around it, the attended token reversed and
     the token it was trained to predict after "▸" (green)."""
-    from rich.table import Table
     from rich.text import Text
 
     from .tokens import visible
@@ -189,14 +216,9 @@ def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list
     head.append(f"  predicted {name(d['test_prediction'])}, true {name(d['test_label'])}")
     out.print(head)
     group = d["group"]
-    cols = ["rank", "score", "attention", "effect"] + (["step"] if group == "pattern" else ["patterns"]) + ["example"]
-    cols += (["pos"] if group != "example" else []) + (["task"] if len(tasks) > 1 else []) + ["training text"]
-    t = Table(*cols, box=None, pad_edge=False)
-    for r in d["results"]:
-        row: list[Any] = [str(r["rank"]), _fmt(r["score"]), _fmt(r["attention"]), _fmt(r["effect"])]
-        row += [str(r["step"])] if group == "pattern" else [str(r["patterns"])]
-        row += [str(r["example"])] + ([str(r["position"])] if group != "example" else [])
-        row += [tasks[r["task"]] if 0 <= r["task"] < len(tasks) else str(r["task"])] if len(tasks) > 1 else []
+    rows = d["results"]
+    texts = []
+    for r in rows:
         if "token" in r:
             ctx = Text(visible(r["context_before"]))
             ctx.append(visible(r["token"]), "reverse bold")
@@ -204,9 +226,18 @@ def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list
             ctx.append(visible(r["context_after"]), "dim")
         else:
             ctx = Text(visible(r["text"]))
-        row.append(ctx)
-        t.add_row(*row)
-    out.print(t)
+        texts.append(ctx)
+    cols = [Col("rank", [str(r["rank"]) for r in rows], numeric=True), Col("score", [_fmt(r["score"]) for r in rows], numeric=True),
+            *_score_cols(d["by"], rows, ("attention", "effect")),
+            Col("step" if group == "pattern" else "patterns", [str(r["step"] if group == "pattern" else r["patterns"]) for r in rows],
+                numeric=True, drop=1),
+            Col("example", [str(r["example"]) for r in rows], numeric=True)]
+    if group != "example":
+        cols.append(Col("pos", [str(r["position"]) for r in rows], numeric=True))
+    if len(tasks) > 1:
+        cols.append(Col("task", [tasks[r["task"]] if 0 <= r["task"] < len(tasks) else str(r["task"]) for r in rows], drop=1))
+    cols.append(Col("training text", texts))
+    _print_table(out, cols)
 
 
 # ----------------------------------------------------------------------------- mass
@@ -259,7 +290,6 @@ def mass(
         _write_csv([{"kind": "task", **r} for r in d["tasks"]] + [{"kind": "class", **r} for r in d["classes"]]
                    + [{"kind": "step", **r} for r in d["steps"]])
         return
-    from rich.table import Table
 
     from .engine.text import labels_are_tokens
     from .tokens import visible
@@ -272,11 +302,32 @@ def mass(
         if text and kind == "classes":  # a vocabulary is long: the 10 next tokens with most mass per layer
             rows = [r for L in layers for r in sorted((r for r in rows if r["layer"] == L), key=lambda r: -r["abs_sum"])[:10]]
             title += " (top 10 per layer; --json has all)"
-        t = Table("layer", label, "Σα", "Σ|α|", "share of Σ|α|", "Σeffect", box=None, pad_edge=False, title=title)
-        for r in rows:
-            t.add_row(r["layer"], visible(r[key], alone=True) if text else r[key], _fmt(r["attention_sum"]), _fmt(r["abs_sum"]),
-                      f"{r['abs_share']:.1%}", _fmt(r["effect_sum"]))
-        out.print(t)
+        _print_table(out, [Col("layer", [r["layer"] for r in rows]),
+                           Col(label, [visible(r[key], alone=True) if text else r[key] for r in rows]),
+                           Col("Σα", [_fmt(r["attention_sum"]) for r in rows], numeric=True, drop=1),
+                           Col("Σ|α|", [_fmt(r["abs_sum"]) for r in rows], numeric=True),
+                           Col("share of Σ|α|", [f"{r['abs_share']:.1%}" for r in rows], numeric=True),
+                           Col("Σeffect", [_fmt(r["effect_sum"]) for r in rows], numeric=True)], title=title)
+    # Over training time: which part of training the prediction draws on (continual learning:
+    # which task's phase), with each bin's steps, and the task phases when the run has them.
+    rows = d["steps"]
+    phases = b.manifest.training.get("task_phases") if isinstance(b.manifest.training.get("task_phases"), list) else None
+
+    def phase_of(r: dict) -> str:
+        if not phases:
+            return ""
+        names = [b.manifest.tasks[i] if i < len(b.manifest.tasks) else str(i) for i, ph in enumerate(phases)
+                 if isinstance(ph, list) and len(ph) == 2 and ph[0] < r["step_end"] and r["step_start"] < ph[1]]
+        return ", ".join(names)
+
+    cols = [Col("layer", [r["layer"] for r in rows]),
+            Col("steps", [f"{r['step_start']}–{r['step_end'] - 1}" if r["step_end"] > r["step_start"] else "-" for r in rows],
+                numeric=True),
+            *([Col("task phase", [phase_of(r) for r in rows], drop=1)] if phases else []),
+            Col("Σ|α|", [_fmt(r["abs_sum"]) for r in rows], numeric=True),
+            Col("share of Σ|α|", [f"{r['abs_share']:.1%}" for r in rows], numeric=True),
+            Col("Σeffect", [_fmt(r["effect_sum"]) for r in rows], numeric=True)]
+    _print_table(out, cols, title=f"test {m}: attention mass over training steps ({len(rows) // max(len(layers), 1)} bins per layer)")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -318,15 +369,108 @@ def layers(
     if as_csv:
         _write_csv(d["layers"])
         return
-    from rich.table import Table
 
-    t = Table("layer", "‖w0 q + b0‖", "‖Σ α v‖", "learned share", "effective patterns", "of", "top-10 share", "top-100 share",
-              "primal−dual", box=None, pad_edge=False, title=f"test {m}: per-layer contributions")
-    for r in d["layers"]:
-        t.add_row(r["layer"], _fmt(r["initial_norm"]), _fmt(r["learned_norm"]), f"{r['learned_share']:.1%}",
-                  f"{r['effective_patterns']:,.1f}", f"{r['patterns']:,}", f"{r['top10_share']:.2%}", f"{r['top100_share']:.2%}",
-                  f"{r['primal_dual_error']:.1e}")
-    _stdout().print(t)
+    rows = d["layers"]
+    _print_table(_stdout(), [
+        Col("layer", [r["layer"] for r in rows]),
+        Col("‖w0 q + b0‖", [_fmt(r["initial_norm"]) for r in rows], numeric=True),
+        Col("‖Σ α v‖", [_fmt(r["learned_norm"]) for r in rows], numeric=True),
+        Col("learned share", [f"{r['learned_share']:.1%}" for r in rows], numeric=True),
+        Col("effective patterns", [_fmt(r["effective_patterns"]) for r in rows], numeric=True, drop=1),
+        Col("of", [f"{r['patterns']:,}" for r in rows], numeric=True, drop=3),
+        Col("top-10 share", [f"{r['top10_share']:.2%}" for r in rows], numeric=True, drop=2),
+        Col("top-100 share", [f"{r['top100_share']:.2%}" for r in rows], numeric=True, drop=2),
+        Col("primal−dual", [f"{r['primal_dual_error']:.1e}" for r in rows], numeric=True, drop=1)],
+        title=f"test {m}: per-layer contributions")
+
+
+# ----------------------------------------------------------------------------- influence
+def influence_json(bundle: Any, example: int, layers: list[str], by: str, top: int, device: Any,
+                   queries: Optional[str] = None) -> dict:
+    from .engine.influence import influence
+
+    qs = bundle.queries(queries)
+    label, pred, task = qs.label, qs.prediction, qs.array("task")
+    classes, tasks = bundle.manifest.classes, bundle.manifest.tasks
+
+    def item(inf: Any, m: int, rank: int) -> dict:
+        return {"rank": rank, "item": m, **{s: float(inf.scores[s][m]) for s in ("attention", "magnitude", "effect")},
+                "label": int(label[m]), "prediction": int(pred[m]), "task": int(task[m])}
+
+    out = []
+    for L in layers:
+        try:
+            inf = influence(bundle, L, example, qs.name, device)
+        except IndexError as e:
+            raise UsageError(str(e)) from None
+        out.append({"layer": L, "patterns": int(len(inf.patterns)),
+                    "most": [item(inf, m, i + 1) for i, m in enumerate(inf.ranked(by, False, top))],
+                    "least": [item(inf, m, i + 1) for i, m in enumerate(inf.ranked(by, True, top))]})
+    train_label = int(bundle.array("train/label", example, example + 1)[0])
+    train_task = int(bundle.array("train/task", example, example + 1)[0])
+    return {"queries": qs.name, "example": example, "by": by, "example_label": train_label,
+            "example_label_name": classes[train_label] if 0 <= train_label < len(classes) else str(train_label),
+            "example_task": train_task, "example_task_name": tasks[train_task] if 0 <= train_task < len(tasks) else str(train_task),
+            "layers": out}
+
+
+@app.command()
+@handles_errors
+def influence(
+    bundle: Path = BUNDLE_ARG,
+    example: int = typer.Option(..., "--example", "-e", help="Training example index."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="One layer (default: every layer)."),
+    by: By = typer.Option(By.effect, "--by", help="Score to rank the items by."),
+    top: int = typer.Option(10, "--top", "-k", min=1, help="How many items at each end."),
+    queries: Optional[str] = QUERIES_OPT,
+    device: Device = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    as_csv: bool = CSV_OPT,
+) -> None:
+    """The reverse spotlight: the items of a query set that one training example contributes to
+    most and least, per layer.
+
+    An item's score is the sum over the example's patterns of attention, magnitude or effect:
+    exactly the example's score in `dualtui rank --test ITEM --group example`. By effect (the
+    default), "most" are the items whose target logit the example pushed up most, "least" those
+    it pushed down most.
+    """
+    _check_formats(as_json, as_csv)
+    b = _open(bundle)
+    qname = _queries(b, queries)
+    layers = [_layer(b, layer)] if layer is not None else list(b.manifest.layer_names)
+    d = influence_json(b, example, layers, by.value, top, _device(device), qname)
+    if as_json:
+        _emit_json(d)
+        return
+    if as_csv:
+        _write_csv([{"layer": lay["layer"], "end": end, **r} for lay in d["layers"] for end in ("most", "least")
+                    for r in lay[end]])
+        return
+    from .engine.text import labels_are_tokens
+    from .tokens import visible
+
+    classes, tasks = b.manifest.classes, b.manifest.tasks
+    text = labels_are_tokens(b)  # a language model's classes are next tokens: show them visibly
+
+    def name(names: list[str], i: int) -> str:
+        n = names[i] if 0 <= i < len(names) else str(i)
+        return visible(n, alone=True) if text and names is classes else n
+
+    out = _stdout()
+    out.print(f"training example {example} (label {name(classes, d['example_label'])}, task {d['example_task_name']}) · "
+              f"query set {qname} · by {by.value}")
+    for lay in d["layers"]:
+        for end, words in (("most", "highest first"), ("least", "lowest first")):
+            rows = lay[end]
+            cols = [Col("rank", [str(r["rank"]) for r in rows], numeric=True),
+                    Col("item", [str(r["item"]) for r in rows], numeric=True),
+                    *_score_cols(by.value, rows, ("attention", "magnitude", "effect")),
+                    Col("label", [name(classes, r["label"]) for r in rows]),
+                    Col("predicted", [name(classes, r["prediction"]) for r in rows]),
+                    Col("task", [name(tasks, r["task"]) for r in rows], drop=1)]
+            _print_table(out, cols, title=f"{lay['layer']} · {lay['patterns']} patterns of example {example} · "
+                                          f"{by.value}, {words}", title_justify="left")
 
 
 # ----------------------------------------------------------------------------- votes
@@ -342,8 +486,10 @@ def votes(
 ) -> None:
     """Predictive power of attention over a whole query set (default: test), per layer.
 
-    A layer's vote is the training class with the largest Σ|α|; it is compared with the true
-    label and with the model's prediction (agreement rates and a 2×2 table).
+    A layer's vote is the training class with the largest Σ|α| (the paper's sum-vote); it is
+    compared with the true label and with the model's prediction (agreement rates and a 2×2
+    table). Beside it, the frequency-normalised vote: the class with the largest mean |α| per
+    pattern (Σ|α| divided by the class's number of patterns).
     """
     from .engine.votes import layer_votes
 
@@ -359,13 +505,18 @@ def votes(
     if as_csv:
         _write_csv([{**{k: v for k, v in r.items() if k != "table"}, **r["table"]} for r in rows])
         return
-    from rich.table import Table
-
-    t = Table("layer", "vote = label", "vote = prediction", "model accuracy", "vote ✓ model ✓", "vote ✓ model ✗",
-              "vote ✗ model ✓", "vote ✗ model ✗", box=None, pad_edge=False, title=f"{b.queries(qname).size} test items" if qname == "test" else f"{b.queries(qname).size} items of query set {qname!r}")
-    for r in rows:
-        tb = r["table"]
-        t.add_row(r["layer"], f"{r['label_agreement']:.1%}", f"{r['prediction_agreement']:.1%}", f"{r['model_accuracy']:.1%}",
-                  str(tb["vote_right_model_right"]), str(tb["vote_right_model_wrong"]), str(tb["vote_wrong_model_right"]),
-                  str(tb["vote_wrong_model_wrong"]))
-    _stdout().print(t)
+    title = f"{b.queries(qname).size} test items" if qname == "test" else f"{b.queries(qname).size} items of query set {qname!r}"
+    out = _stdout()
+    _print_table(out, [
+        Col("layer", [r["layer"] for r in rows]),
+        Col("vote = label", [f"{r['label_agreement']:.1%}" for r in rows], numeric=True),
+        Col("vote = prediction", [f"{r['prediction_agreement']:.1%}" for r in rows], numeric=True),
+        Col("normalised = label", [f"{r['normalised_label_agreement']:.1%}" for r in rows], numeric=True, drop=1),
+        Col("normalised = prediction", [f"{r['normalised_prediction_agreement']:.1%}" for r in rows], numeric=True, drop=1),
+        Col("model accuracy", [f"{r['model_accuracy']:.1%}" for r in rows], numeric=True),
+        Col("vote ✓ model ✓", [str(r["table"]["vote_right_model_right"]) for r in rows], numeric=True, drop=2),
+        Col("vote ✓ model ✗", [str(r["table"]["vote_right_model_wrong"]) for r in rows], numeric=True, drop=2),
+        Col("vote ✗ model ✓", [str(r["table"]["vote_wrong_model_right"]) for r in rows], numeric=True, drop=2),
+        Col("vote ✗ model ✗", [str(r["table"]["vote_wrong_model_wrong"]) for r in rows], numeric=True, drop=2)], title=title)
+    out.print("vote: the training class with the largest Σ|α| (the paper's); normalised: the largest mean |α| per "
+              "pattern of the class (Σ|α| ÷ its pattern count), which a frequent class cannot win by numbers alone", style="dim")

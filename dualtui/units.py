@@ -11,3 +11,27 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+SIGNIFICANT = 4  # digits every score shows, in the CLI tables and the app alike
+
+
+def num(x: float, digits: int = SIGNIFICANT) -> str:
+    """A score as text with `digits` significant digits, never fewer (trailing zeros kept, so
+    -0.1002 is never shown as -0.1), fixed-point for 0.001 ≤ |x| < 100,000 and scientific
+    outside it (-8.497e-05, not a -0.0000849 that reads like a small number cut short).
+    --json and --csv keep full precision; this is for people."""
+    x = float(x)
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    a = abs(x)
+    if 1e-3 <= a < 1e5:
+        text = f"{x:#.{digits}g}"
+        if "e" not in text:  # rounding can carry into the next decade (99999.5 → 1.000e+05)
+            return text.rstrip(".")
+    mantissa, exp = f"{x:.{digits - 1}e}".split("e")
+    return f"{mantissa}e{int(exp):+03d}"

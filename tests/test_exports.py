@@ -73,7 +73,7 @@ def test_exports_stay_in_the_folder_never_overwrite_and_report_the_path(odd_bund
     first = app.export_path("csv")
     (out / first.name.replace(".csv", ".json")).symlink_to(planted)  # a symlink planted at the JSON's name
     before = {p for p in tmp_path.rglob("*")}
-    notes = asyncio.run(_press(app, ["x", "x", "j", "s", "s"]))
+    notes = asyncio.run(_press(app, ["x", "x", "X", "s", "s"]))
     written = sorted(p.name for p in out.iterdir() if not p.is_symlink())
     stem = first.name[: -len(".csv")]
     assert written == sorted([f"{stem}.csv", f"{stem}-2.csv", f"{stem}-2.json",

@@ -179,7 +179,7 @@ def test_the_app_draws_markup_and_escapes_in_names_as_text(base: Path, tmp_path:
     async def drive() -> str:
         a = DualtuiApp(OpenRun(b, b.default_query_set), test=0, layer="net.4", export_dir=tmp_path)
         async with a.run_test(size=(110, 32)) as pilot:
-            for key in ["tab", "tab", "tab", "j", "down", "tab"]:
+            for key in ["tab", "tab", "tab", "X", "j", "down", "tab"]:
                 await pilot.press(key)
                 await pilot.pause()
             return a.export_screenshot()

@@ -326,7 +326,7 @@ def test_exports_equal_cli_output(tmp_path: Path) -> None:
                 await pilot.press(*keys)
                 await settle(pilot, app)
                 check_spotlight(app, SINGLE)
-                await pilot.press("x", "j")
+                await pilot.press("x", "X")
                 await pilot.pause()
                 for ext in ("csv", "json"):
                     path = app.export_path(ext)
@@ -359,7 +359,11 @@ def test_help_palette_and_quit() -> None:
             await pilot.pause()
             assert isinstance(app.screen, HelpScreen)
             text = screen_text(app)
-            assert "command palette" in text and "escape to close" in text
+            assert "escape to close" in text and "scroll" in text  # the hint, on the border
+            await pilot.press("end")  # the help scrolls with the keyboard at once
+            await pilot.pause()
+            text = screen_text(app)
+            assert "primal−dual" in text and "escape to close" in text
             await pilot.press("escape")
             await pilot.pause()
             assert app.screen is main
@@ -481,7 +485,7 @@ def test_text_run_groupings_previews_and_exports_match_cli(tmp_path: Path) -> No
                     cells = [str(c) for c in table.get_row_at(0)]
                     snippet = vocab[int(windows[row.example, row.position])]
                     assert any(snippet in c and "▸" in c for c in cells), cells
-                await pilot.press("x", "j")
+                await pilot.press("x", "X")
                 await pilot.pause()
                 for ext in ("csv", "json"):
                     assert app.export_path(ext).read_text() == cli_stdout(TEXT, *state(app), 100, ext)

@@ -140,6 +140,12 @@ def test_open_in_tmux_shows_ranking_cycles_score_and_quits(tmp_path: Path) -> No
         assert [int(example) for _, example in rows] == expected, screen
         assert "net.4" in head, head  # the last layer, as `dualtui rank` without --layer
 
+        # The ranking has the keyboard from the start: ↓ selects #2, whose example the
+        # training preview beside the ranking names.
+        assert f"#1 example {expected[0]}" in screen, screen
+        tmux("send-keys", "-t", tmux.session, "Down")
+        wait_for(tmux, status, "the second pattern selected after ↓", lambda s: f"#2 example {expected[1]}" in s)
+
         tmux("send-keys", "-t", tmux.session, "b")
         head = wait_for(tmux, status, "'magnitude' in the spotlight header",
                         lambda s: (h := spotlight_header(s)) and "magnitude" in h and h)

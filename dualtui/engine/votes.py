@@ -26,6 +26,13 @@ class LayerVotes:
     model_accuracy: float  # prediction == true label
     # 2×2 counts: rows vote right / wrong (vs label), columns model right / wrong
     table: list[list[int]]
+    # The frequency-normalised vote: the class with the largest mean |α| per pattern (Σ|α| ÷
+    # the class's pattern count). The sum-vote favours classes with many patterns (in text
+    # runs the most frequent next character, the space, wins every sum); this one does not.
+    class_patterns: np.ndarray | None = None  # [C] patterns per training class
+    vote_normalised: np.ndarray | None = None  # [M]
+    normalised_label_agreement: float = 0.0
+    normalised_prediction_agreement: float = 0.0
 
     def to_json(self) -> dict:
         return {
@@ -36,6 +43,8 @@ class LayerVotes:
             "model_accuracy": self.model_accuracy,
             "table": {"vote_right_model_right": self.table[0][0], "vote_right_model_wrong": self.table[0][1],
                       "vote_wrong_model_right": self.table[1][0], "vote_wrong_model_wrong": self.table[1][1]},
+            "normalised_label_agreement": self.normalised_label_agreement,
+            "normalised_prediction_agreement": self.normalised_prediction_agreement,
         }
 
 
@@ -59,6 +68,7 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
     # Votes need each item's focus row only (all rows where the focus is a mean over them).
     per = max(1, int(query_batch / max(1.0, qs.rows_per_item(layer) if _needs_all_rows(qs, layer) else 1.0)))
     class_abs = np.zeros((n_classes, M))
+    class_patterns = torch.zeros(n_classes, dtype=torch.float64, device=dev)  # counted in the first batch's pass
     for lo in range(0, M, per):
         items = np.arange(lo, min(M, lo + per))
         rows = qs.rows(layer, items)
@@ -73,7 +83,10 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
             guard.add([a])  # NaN/Inf in keys shows here
             a = a.abs().double()
             ex = block.tensors["example"]
-            acc.index_add_(0, label_of[ex] if next_token is None else next_token(ex, block.tensors["position"]), a)
+            cls = label_of[ex] if next_token is None else next_token(ex, block.tensors["position"])
+            acc.index_add_(0, cls, a)
+            if lo == 0:
+                class_patterns.index_add_(0, cls, torch.ones(cls.shape[0], dtype=torch.float64, device=dev))
         guard.done()
         class_abs[:, lo : lo + len(items)] = acc.cpu().numpy()
     vote = class_abs.argmax(axis=0) if M else np.zeros(0, dtype=np.int64)
@@ -84,7 +97,12 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
     mean = lambda x: float(x.mean()) if len(x) else 0.0  # noqa: E731
     table = [[int((vote_right & model_right).sum()), int((vote_right & ~model_right).sum())],
              [int((~vote_right & model_right).sum()), int((~vote_right & ~model_right).sum())]]
-    return LayerVotes(layer, M, vote, class_abs, mean(vote_right), mean(vote == pred), mean(model_right), table)
+    counts = class_patterns.cpu().numpy()
+    # Classes without patterns cannot be voted for (their mean is undefined, not zero).
+    per_pattern = np.where(counts[:, None] > 0, class_abs / np.maximum(counts, 1)[:, None], -np.inf)
+    vote_n = per_pattern.argmax(axis=0) if M else np.zeros(0, dtype=np.int64)
+    return LayerVotes(layer, M, vote, class_abs, mean(vote_right), mean(vote == pred), mean(model_right), table,
+                      counts, vote_n, mean(vote_n == label), mean(vote_n == pred))
 
 
 def _needs_all_rows(qs, layer: str) -> bool:

@@ -51,8 +51,9 @@ class DualtuiApp(App[None]):
         Binding("right_square_bracket", "layer(1)", "Layer", key_display="[ ]", id="spot.layer_next"),
         Binding("n", "step_test(1)", "Next", id="spot.next_test", show=False),
         Binding("p", "step_test(-1)", "Prev", id="spot.prev_test", show=False),
+        # Not j: vim users move down with it (the tables take j / k as ↓ / ↑).
         Binding("x", "export('csv')", "CSV", id="export.csv", show=False),
-        Binding("j", "export('json')", "JSON", id="export.json", show=False),
+        Binding("X", "export('json')", "JSON", id="export.json", show=False),
         Binding("s", "svg", "SVG", id="export.svg", show=False),
         Binding("Q", "next_queries", "Query set", id="queries.next", show=False),
     ]
@@ -72,7 +73,8 @@ class DualtuiApp(App[None]):
         self.results: dict[str, Spotlight] = {}
         self._cache: OrderedDict[tuple[str, int], dict[str, Spotlight]] = OrderedDict()  # (query set, item)
         self._generation = 0
-        self.focus_ranking_pending = False
+        # The ranking takes the keyboard as soon as its rows arrive (arrows work at once).
+        self.focus_ranking_pending = view == "spotlight"
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -102,6 +104,7 @@ class DualtuiApp(App[None]):
         for key, value in changes.items():
             setattr(self, key, value)
         if test_changed:
+            self.query_one(TestsPane).highlight(self.test)  # the Tests tab follows the item being spotlit
             self.compute()
         elif "layer" in changes and self.layer not in self.results:
             self.compute()
@@ -163,6 +166,18 @@ class DualtuiApp(App[None]):
         self.refresh_views()  # panes size their bars to the width they now have
         if event.pane.id == "overview":
             self.query_one(OverviewPane).start_verify()
+        self.focus_main(event.pane.id)
+
+    # Each tab's main widget: the one the arrows, PgUp/PgDn and Home/End should move.
+    MAIN_WIDGET = {"overview": "#overview-pane", "tests": "#tests-table", "spotlight": "#spot-table",
+                   "layers": "#layers-pane", "tasks": "#tasks-pane"}
+
+    def focus_main(self, view: str | None) -> None:
+        target = self.query_one(self.MAIN_WIDGET.get(view or "", "#spot-table"))
+        if view == "spotlight" and target.loading:  # a loading table cannot take focus: when its rows arrive
+            self.focus_ranking_pending = True
+            return
+        target.focus()
 
     def action_cycle_by(self) -> None:
         self.set_state(by=SCORES[(SCORES.index(self.by) + 1) % len(SCORES)])

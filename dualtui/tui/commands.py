@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from textual.command import Hit, Hits, Provider
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 
 class DualtuiCommands(Provider):
@@ -41,3 +41,8 @@ class DualtuiCommands(Provider):
             score = matcher.match(title)
             if score > 0:
                 yield Hit(score, matcher.highlight(title), callback, help=help_text or None)
+
+    async def discover(self) -> Hits:
+        """What the palette lists before anything is typed: every command of the app."""
+        for title, callback, help_text in self.entries():
+            yield DiscoveryHit(title, callback, help=help_text or None)

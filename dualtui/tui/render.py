@@ -7,6 +7,8 @@ terminal, Textual app or torch.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import math
 
 import numpy as np
@@ -179,14 +181,14 @@ def hbar(value: float, max_value: float, width: int, *, style: str = "cyan") -> 
     return out
 
 
-def bar_table(rows: list[tuple[str, float]], width: int, *, value_format: str = "{:.1%}",
+def bar_table(rows: list[tuple[str, float]], width: int, *, value_format: "str | Callable[[float], str]" = "{:.1%}",
               max_value: float | None = None, style: str = "cyan") -> Text:
     """Rows of "label bar value": labels right-aligned (cut to 20 chars), bars share one scale."""
     if not rows:
         return Text()
     labels = [_visible(lab) if lab else "" for lab, _ in rows]  # a "\n" in a label must not split a row
     labels = [lab if len(lab) <= 20 else lab[:19] + "…" for lab in labels]
-    values = [value_format.format(v) for _, v in rows]
+    values = [value_format(v) if callable(value_format) else value_format.format(v) for _, v in rows]
     lw, vw = max(map(cell_len, labels)), max(map(cell_len, values))
     if max_value is None:
         finite = [abs(v) for _, v in rows if math.isfinite(v)]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from rich.console import Group, RenderableType
 from rich.text import Text
 
+from ...units import num
 from .base import RenderedPane
 
 if TYPE_CHECKING:
@@ -29,12 +30,16 @@ class LayersPane(RenderedPane):
             s = spot.summary
             norm_max = max(s.initial_norm, s.learned_norm, 1e-30)
             parts.append(bar_table([("‖w0 q + b0‖ initial", s.initial_norm), ("‖Σ α v‖ learned", s.learned_norm)], width,
-                                   value_format="{:.4g}", max_value=norm_max, style="magenta"))
+                                   value_format=num, max_value=norm_max, style="magenta"))
             parts.append(bar_table([("learned share", s.learned_share),
                                     ("effective patterns", s.effective_patterns / max(s.patterns, 1)),
                                     ("top-10 share", s.top10_share), ("top-100 share", s.top100_share)],
                                    width, max_value=1.0))
-            parts.append(Text(f"effective patterns (Σ|α|)²/Σα² = {s.effective_patterns:,.1f} of {s.patterns:,} · "
-                              "top-k share = share of Σ|α| in the k largest |α| · "
+            parts.append(Text(f"effective patterns {s.effective_patterns:,.1f} of {s.patterns:,} · "
                               f"primal−dual error {s.primal_dual_error:.1e}", style="dim"))
+        # The legend once, not under every layer.
+        parts.append(Text("\ninitial ‖w0 q + b0‖ and learned ‖Σ α v‖: the two terms of the layer's output (W_T q = w0 q + Σ α v) · "
+                          "learned share = ‖Σ α v‖ / (‖w0 q + b0‖ + ‖Σ α v‖) · effective patterns = (Σ|α|)²/Σα², "
+                          "how many patterns the attention is spread over · top-k share = share of Σ|α| in the k largest |α| · "
+                          "primal−dual error: max |W_T q − (w0 q + Σ α v)|", style="italic dim"))
         return Group(*parts)

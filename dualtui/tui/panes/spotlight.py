@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Static
 
 from ...engine.spotlight import Ranked
+from ...units import num
 from ..render import plain
 from ..messages import RowSelected
 from ..model import OpenRun
@@ -65,9 +66,11 @@ class SpotlightPane(Horizontal):
             # Another layer arriving refreshes every view; rebuilding an unchanged 100-row
             # table costs ~0.1 s of main-thread time (benchmarks/README.md, TUI).
             if rows is not table.ranked_rows or app.group != table.group:
-                table.show(rows, app.group)
+                table.show(rows, app.group, app.by)
             else:
                 self.show_selected(table.selected)  # the other layers' scores may have just arrived
+            if table.left_out:
+                header.append(f" · not shown at this width: {', '.join(table.left_out)}", style="dim")
             if app.focus_ranking_pending:
                 app.focus_ranking_pending = False
                 table.focus()
@@ -75,6 +78,17 @@ class SpotlightPane(Horizontal):
 
     def on_row_selected(self, event: RowSelected) -> None:
         self.show_selected(event.row)
+
+    def on_data_table_row_selected(self, event) -> None:
+        """Enter on a ranked row: the reverse spotlight of its training example."""
+        if event.data_table.id != "spot-table":
+            return
+        event.stop()
+        row = self.query_one("#spot-table", RankingTable).selected
+        if row is not None:
+            from ..influence_screen import InfluenceScreen
+
+            self.app.push_screen(InfluenceScreen(self.run, row.example, self.app.layer, self.app.by))
 
     def show_selected(self, row: Ranked | None) -> None:
         app = self.app
@@ -91,7 +105,7 @@ class SpotlightPane(Horizontal):
         data, marks = self.run.train_preview(row)
         train.show(data, cap, **marks)
         scores = self.run.across_layers(app.test, row, app.group, app.results)
-        rows = [(sc.layer + ("" if sc.exact_pattern or app.group != "pattern" else " Σ"), f"{sc.attention:.3g}", f"{sc.effect:.3g}")
+        rows = [(sc.layer + ("" if sc.exact_pattern or app.group != "pattern" else " Σ"), num(sc.attention), num(sc.effect))
                 for sc in scores]
         w_name = max([len("layer")] + [len(r[0]) for r in rows])
         w_att = max([len("attention")] + [len(r[1]) for r in rows])

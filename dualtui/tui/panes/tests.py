@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Select, Static
 
@@ -15,6 +16,12 @@ from ..widgets.preview import Preview
 # Rows put in the table at once: a DataTable gets slow with tens of thousands of rows; the
 # filters and the jump box reach the rest.
 PAGE = 1000
+
+
+class VimTable(DataTable):
+    """A DataTable that also moves with j / k."""
+
+    BINDINGS = [Binding("j", "cursor_down", show=False), Binding("k", "cursor_up", show=False)]
 
 
 class TestsPane(Horizontal):
@@ -30,7 +37,7 @@ class TestsPane(Horizontal):
                 yield Select([("correct", True), ("wrong", False)], prompt="all items", id="filter-correct")
                 yield Input(placeholder="jump to #", id="jump", type="integer")
             yield Static(id="tests-count")
-            yield DataTable(id="tests-table", cursor_type="row", zebra_stripes=True)
+            yield VimTable(id="tests-table", cursor_type="row", zebra_stripes=True)
         with Vertical(id="tests-right"):
             yield Preview(self.run, id="tests-preview")
 
@@ -84,6 +91,22 @@ class TestsPane(Horizontal):
             return
         event.input.value = ""
         self.post_message(TestChosen(m))
+
+    def on_key(self, event) -> None:
+        # Escape always leaves the jump box (the app's keys would otherwise be typed into it).
+        if event.key == "escape" and self.app.focused is self.query_one("#jump", Input):
+            event.stop()
+            self.query_one("#jump", Input).value = ""
+            self.query_one("#tests-table", DataTable).focus()
+
+    def highlight(self, m: int) -> None:
+        """Put the table's cursor on item m when the list shows it (it is the item spotlit)."""
+        table = self.query_one("#tests-table", DataTable)
+        try:
+            row = table.get_row_index(str(m))
+        except Exception:  # noqa: BLE001 - not in the list (filtered out, or past the first page)
+            return
+        table.move_cursor(row=row)
 
     def preview(self, m: int) -> None:
         it = self.run.test_item(m)

@@ -3,10 +3,13 @@ whole dual memory, so the table stays instant however many patterns a bundle hol
 
 from __future__ import annotations
 
-from rich.cells import cell_len
+from rich.text import Text
+from textual.binding import Binding
 from textual.widgets import DataTable
 
 from ...engine.spotlight import Ranked
+from ...tables import Col, fit
+from ...units import num
 from ..messages import RowSelected
 from ..model import OpenRun
 from ..render import plain
@@ -17,52 +20,71 @@ SNIPPET = 18
 
 
 def fmt(x: float) -> str:
-    return f"{x:.4g}"
+    return num(x)  # the CLI tables' format (units.num): the same text for the same number
 
 
 class RankingTable(DataTable):
-    """Rank, score, example, label, task, step (or patterns), attention, magnitude, effect."""
+    """Rank, score, example, label, task, step (or patterns), attention, magnitude, effect.
+
+    Columns that do not fit the table's width are left out whole, the raw score equal to the
+    chosen score first (the score column shows it), never cut mid-number; the header above the
+    table says which."""
+
+    BINDINGS = [Binding("j", "cursor_down", show=False), Binding("k", "cursor_up", show=False)]
 
     def __init__(self, run: OpenRun, **kw):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
         self.run = run
         self.ranked_rows: list[Ranked] = []
         self.group = "pattern"
+        self.by = "attention"
+        self.left_out: list[str] = []
+        self._fitted_width = 0
 
-    def show(self, rows: list[Ranked], group: str) -> None:
-        keep_cursor = self.cursor_row if self.ranked_rows and group == self.group else 0
-        self.ranked_rows = rows
-        self.group = group
-        self.clear(columns=True)
-        # Who the pattern is comes first: at 80 columns the three raw scores scroll off, the
-        # identity of the training example should not.
-        middle = "step" if group == "pattern" else "patterns"
-        if self.run.is_text:  # text runs: where the pattern sits in the training text, not a class
+    def columns_for(self, rows: list[Ranked], group: str, by: str) -> list[Col]:
+        middle = Col("step", [str(r.step) for r in rows], numeric=True, drop=1) if group == "pattern" else \
+            Col("patterns", [str(r.patterns) for r in rows], numeric=True, drop=1)
+        order = {"magnitude": 3, "attention": 2, "effect": 2}
+        scores = [Col(n, [fmt(getattr(r, n)) for r in rows], numeric=True, drop=4 if n == by else order[n])
+                  for n in ("attention", "magnitude", "effect")]
+        head = [Col("rank", [str(r.rank) for r in rows], numeric=True), Col("score", [fmt(r.score) for r in rows], numeric=True),
+                Col("example", [str(r.example) for r in rows], numeric=True)]
+        if self.run.is_text:  # where the pattern sits in the training text, not a class
             tasks = len(self.run.tasks) > 1  # one corpus: the task column would repeat its name
-            labels = ("rank", "score", "example", "pos", "training text") + (("task",) if tasks else ()) + (
-                middle, "attention", "magnitude", "effect")
-            cells = [
-                (str(r.rank), fmt(r.score), str(r.example), "" if r.position is None else str(r.position),
-                 self.run.snippet(r, SNIPPET)) + ((self.run.task_name(r.task),) if tasks else ()) + (
-                 str(r.step) if group == "pattern" else str(r.patterns), fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
-                for r in rows
-            ]
-        else:
-            labels = ("rank", "score", "example", "label", "task", middle, "attention", "magnitude", "effect")
-            cells = [
-                (str(r.rank), fmt(r.score), str(r.example), self.run.class_name(r.label), self.run.task_name(r.task),
-                 str(r.step) if group == "pattern" else str(r.patterns), fmt(r.attention), fmt(r.magnitude), fmt(r.effect))
-                for r in rows
-            ]
+            return head + [Col("pos", ["" if r.position is None else str(r.position) for r in rows], numeric=True),
+                           Col("training text", [self.run.snippet(r, SNIPPET) for r in rows])] + (
+                [Col("task", [self.run.task_name(r.task) for r in rows], drop=1)] if tasks else []) + [middle] + scores
+        return head + [Col("label", [self.run.class_name(r.label) for r in rows]),
+                       Col("task", [self.run.task_name(r.task) for r in rows], drop=1), middle] + scores
+
+    def show(self, rows: list[Ranked], group: str, by: str | None = None) -> None:
+        """Show a ranking. The cursor follows the same training pattern (or example, or
+        token) when the new ranking still holds it, else goes back to #1."""
+        before = self.selected
+        by = by or self.by
+        self.ranked_rows, self.group, self.by = rows, group, by
+        self.clear(columns=True)
+        # Who the pattern is comes first: at 80 columns the raw scores go, the identity of the
+        # training example stays. The width is the table's own (the pane sets it), minus the
+        # scrollbar.
+        width = (self.size.width or self.app.size.width) - 2
+        self._fitted_width = self.size.width
+        kept, left = fit(self.columns_for(rows, group, by), width)
+        self.left_out = [c.header for c in left]
         # Explicit widths: a frame drawn before the table's own resize would otherwise clip
         # cells to the header's width ("digits 5-9" as "digi").
-        for i, label in enumerate(labels):
-            self.add_column(label, width=max([len(label)] + [cell_len(str(c[i])) for c in cells]))
-        for c in cells:
-            self.add_row(*map(plain, c))
+        for c in kept:
+            self.add_column(Text(c.header, justify="right") if c.numeric else c.header, width=c.width)
+        for i in range(len(rows)):
+            self.add_row(*(Text(str(c.cells[i]), justify="right") if c.numeric else plain(c.cells[i]) for c in kept))
         if rows:
-            self.move_cursor(row=min(keep_cursor, len(rows) - 1))
+            same = [i for i, r in enumerate(rows) if before is not None and _identity(r, group) == _identity(before, self.group)]
+            self.move_cursor(row=same[0] if same else 0)
         self.post_message(RowSelected(self.selected))
+
+    def on_resize(self) -> None:
+        if self.ranked_rows and self.size.width != self._fitted_width:
+            self.show(self.ranked_rows, self.group, self.by)
 
     @property
     def selected(self) -> Ranked | None:
@@ -73,3 +95,12 @@ class RankingTable(DataTable):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         event.stop()
         self.post_message(RowSelected(self.selected))
+
+
+def _identity(r: Ranked, group: str) -> tuple:
+    """What a row stands for: the same pattern, example or training token in another ranking."""
+    if group == "pattern":
+        return ("pattern", r.pattern)
+    if group == "position":
+        return ("position", r.example, r.position)
+    return ("example", r.example)
