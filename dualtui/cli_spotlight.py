@@ -18,6 +18,7 @@ class By(str, Enum):
     attention = "attention"
     magnitude = "magnitude"
     effect = "effect"
+    cosine = "cosine"
 
 
 class Group(str, Enum):
@@ -107,7 +108,7 @@ def _fmt(x: float) -> str:
 def _score_cols(by: str, rows: list[dict], names: tuple[str, ...]) -> list[Col]:
     """The raw score columns: the one equal to the chosen score ("score") is left out first
     at a narrow width, then magnitude, then the others."""
-    order = {"magnitude": 3, "attention": 2, "effect": 2}
+    order = {"cosine": 3, "magnitude": 3, "attention": 2, "effect": 2}
     return [Col(n, [_fmt(r[n]) for r in rows], numeric=True, drop=4 if n == by else order[n]) for n in names]
 
 
@@ -115,7 +116,9 @@ def _print_table(out: Any, cols: list[Col], **kw: Any) -> None:
     t, left = rich_table(cols, out.width if out.is_terminal else None, **kw)
     out.print(t)
     if left:
-        out.print(left_out_note(left), style="dim")
+        score = next((c for c in cols if c.header == "score"), None)
+        same = {c.header for c in cols if score is not None and c.cells == score.cells and c is not score}
+        out.print(left_out_note([f"{h} (= score)" if h in same else h for h in left]), style="dim")
 
 
 # ----------------------------------------------------------------------------- rank
@@ -141,7 +144,8 @@ def rank(
     bundle: Path = BUNDLE_ARG,
     test: int = typer.Option(..., "--test", "-t", help="Test item index."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer name (default: the last layer)."),
-    by: By = typer.Option(By.attention, "--by", help="Score to rank by."),
+    by: By = typer.Option(By.effect, "--by", help="Score to rank by (default effect: what the pattern did to this "
+                          "prediction; see above)."),
     group: Group = typer.Option(Group.pattern, "--group", help="Rank patterns; training examples (sum over their patterns); "
                                 "or, in text runs, training tokens (sum over the epochs that saw each position)."),
     top: int = typer.Option(10, "--top", "-k", min=1, help="How many results."),
@@ -165,6 +169,10 @@ def rank(
 
     effect = Σ_rows α (v · g): the pattern's first-order change of the target logit (exact at a last
     layer, where the effects of all patterns plus the initial-weight term add up to the logit).
+
+    cosine = α / (‖k‖ ‖q‖) (k and q extended by the bias input 1): attention normalised, 1 for a
+    training input that is a copy of the test input, whatever its size. Per example or token:
+    the mean over its patterns (the other scores are sums).
     """
     _check_formats(as_json, as_csv)
     b = _open(bundle)
@@ -192,7 +200,7 @@ def rank(
     rows = d["results"]
     pat = group == Group.pattern
     cols = [Col("rank", [str(r["rank"]) for r in rows], numeric=True), Col("score", [_fmt(r["score"]) for r in rows], numeric=True),
-            *_score_cols(by.value, rows, ("attention", "magnitude", "effect"))]
+            *_score_cols(by.value, rows, ("attention", "magnitude", "effect", "cosine"))]
     cols += ([Col("pattern", [str(r["pattern"]) for r in rows], numeric=True, drop=1),
               Col("step", [str(r["step"]) for r in rows], numeric=True, drop=1)] if pat else
              [Col("patterns", [str(r["patterns"]) for r in rows], numeric=True, drop=1)])
@@ -228,7 +236,7 @@ def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list
             ctx = Text(visible(r["text"]))
         texts.append(ctx)
     cols = [Col("rank", [str(r["rank"]) for r in rows], numeric=True), Col("score", [_fmt(r["score"]) for r in rows], numeric=True),
-            *_score_cols(d["by"], rows, ("attention", "effect")),
+            *_score_cols(d["by"], rows, ("attention", "effect", "cosine")),
             Col("step" if group == "pattern" else "patterns", [str(r["step"] if group == "pattern" else r["patterns"]) for r in rows],
                 numeric=True, drop=1),
             Col("example", [str(r["example"]) for r in rows], numeric=True)]
@@ -394,7 +402,7 @@ def influence_json(bundle: Any, example: int, layers: list[str], by: str, top: i
     classes, tasks = bundle.manifest.classes, bundle.manifest.tasks
 
     def item(inf: Any, m: int, rank: int) -> dict:
-        return {"rank": rank, "item": m, **{s: float(inf.scores[s][m]) for s in ("attention", "magnitude", "effect")},
+        return {"rank": rank, "item": m, **{s: float(inf.scores[s][m]) for s in ("attention", "magnitude", "effect", "cosine")},
                 "label": int(label[m]), "prediction": int(pred[m]), "task": int(task[m])}
 
     out = []
@@ -465,7 +473,7 @@ def influence(
             rows = lay[end]
             cols = [Col("rank", [str(r["rank"]) for r in rows], numeric=True),
                     Col("item", [str(r["item"]) for r in rows], numeric=True),
-                    *_score_cols(by.value, rows, ("attention", "magnitude", "effect")),
+                    *_score_cols(by.value, rows, ("attention", "magnitude", "effect", "cosine")),
                     Col("label", [name(classes, r["label"]) for r in rows]),
                     Col("predicted", [name(classes, r["prediction"]) for r in rows]),
                     Col("task", [name(tasks, r["task"]) for r in rows], drop=1)]

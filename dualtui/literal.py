@@ -8,8 +8,11 @@ import re
 from typing import Any
 
 # C0 (but newline and tab where kept), DEL, C1, and the invisible bidi controls.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_CONTROL_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Surrogates too: a lone one from a JSON "\\ud800" escape cannot be encoded at all, and a path
+# that is not UTF-8 arrives with its bytes as U+DC80..U+DCFF (surrogateescape), which would be
+# written back raw (a C1 CSI among them).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_CONTROL_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _visible(m: re.Match) -> str:
@@ -18,6 +21,8 @@ def _visible(m: re.Match) -> str:
         return chr(0x2400 + c)  # ␀ … ␟ (ESC shows as ␛, newline as ␊)
     if c == 0x7F:
         return "\u2421"  # ␡
+    if 0xDC80 <= c <= 0xDCFF:
+        return f"\\x{c - 0xDC00:02x}"  # a byte of a name that is not UTF-8, as Python shows it
     return f"<U+{c:04X}>"
 
 

@@ -31,7 +31,10 @@ def num(x: float, digits: int = SIGNIFICANT) -> str:
     a = abs(x)
     if 1e-3 <= a < 1e5:
         text = f"{x:#.{digits}g}"
-        if "e" not in text:  # rounding can carry into the next decade (99999.5 → 1.000e+05)
+        if "e" not in text:
             return text.rstrip(".")
+        if round(a) < 1e5:  # 10,000..99,999: all five digits, no exponent (12346, not 1.235e+04)
+            return f"{x:.0f}"
+        # else rounding carried into the next decade (99999.5 → 1.000e+05)
     mantissa, exp = f"{x:.{digits - 1}e}".split("e")
     return f"{mantissa}e{int(exp):+03d}"

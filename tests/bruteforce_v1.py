@@ -36,7 +36,7 @@ import pytest
 import independent_v1 as iv
 from independent_v1 import LayerPlan
 
-SCORES = ("attention", "magnitude", "effect")
+SCORES = ("attention", "magnitude", "effect", "cosine")
 REL = 1e-5  # relative tolerance, against the absolute scale of the terms
 N_TEST = 5
 
@@ -83,16 +83,29 @@ class Layer:
             self.__dict__["_scales_memo"] = self._scales()
         return self.__dict__["_scales_memo"]
 
+    def norms(self) -> np.ndarray:
+        """‖k̃_t‖ ‖q̃_m‖ [patterns, M], the bias input 1 appended to both (docs/format.md section 6)."""
+        if self.kind == "embedding":
+            return np.ones((len(self.K), len(self.Q)))
+        extra = 1.0 if self.bias else 0.0
+        k = np.sqrt((self.K.astype(np.float64) ** 2).sum(axis=1) + extra)
+        q = np.sqrt((self.Q.astype(np.float64) ** 2).sum(axis=1) + extra)
+        return k[:, None] * q[None, :]
+
     def _scores(self) -> dict[str, np.ndarray]:
         a = self.alpha()
         vnorm = np.linalg.norm(self.V, axis=1)
-        return {"attention": a, "magnitude": np.abs(a) * vnorm[:, None], "effect": a * (self.V @ self.G.T)}
+        n = self.norms()
+        return {"attention": a, "magnitude": np.abs(a) * vnorm[:, None], "effect": a * (self.V @ self.G.T),
+                "cosine": np.where(n > 0, a / np.where(n > 0, n, 1.0), 0.0)}
 
     def _scales(self) -> dict[str, np.ndarray]:
         """|terms| bounds: a float32 evaluation of score t is within ~n·2⁻²⁴ of this."""
         aa = self.alpha_abs()
         vnorm = np.linalg.norm(self.V, axis=1)
-        return {"attention": aa, "magnitude": aa * vnorm[:, None], "effect": aa * (np.abs(self.V) @ np.abs(self.G).T)}
+        n = self.norms()
+        return {"attention": aa, "magnitude": aa * vnorm[:, None], "effect": aa * (np.abs(self.V) @ np.abs(self.G).T),
+                "cosine": np.where(n > 0, aa / np.where(n > 0, n, 1.0), 0.0) + 1e-7}
 
     # ------------------------------------------------------------------ primal / dual
     def initial(self) -> np.ndarray:  # [M, out]  w0 q + b0
@@ -236,8 +249,11 @@ class Brute:
             sc, ab = lay.scores(), lay.scales()
             by_column = lambda x: np.stack([np.bincount(lay.example, weights=x[:, j], minlength=n)  # noqa: E731
                                             for j in range(x.shape[1])], axis=1).reshape(n, x.shape[1])
-            self.cache[key] = ({s: by_column(sc[s]) for s in SCORES}, {s: by_column(ab[s]) for s in SCORES},
-                               np.bincount(lay.example, minlength=n))
+            count = np.bincount(lay.example, minlength=n)
+            sums, scales = {s: by_column(sc[s]) for s in SCORES}, {s: by_column(ab[s]) for s in SCORES}
+            for d in (sums, scales):  # a group's cosine is the mean over its patterns, not the sum
+                d["cosine"] = d["cosine"] / np.maximum(count, 1)[:, None]
+            self.cache[key] = (sums, scales, count)
         return self.cache[key]
 
     def position_sums(self, L: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
@@ -257,8 +273,11 @@ class Brute:
                 np.add.at(out, slot, x)
                 return out
 
-            self.cache[key] = ({s: by_slot(sc[s]) for s in SCORES}, {s: by_slot(ab[s]) for s in SCORES},
-                               np.bincount(slot, minlength=n))
+            count = np.bincount(slot, minlength=n)
+            sums, scales = {s: by_slot(sc[s]) for s in SCORES}, {s: by_slot(ab[s]) for s in SCORES}
+            for d in (sums, scales):
+                d["cosine"] = d["cosine"] / np.maximum(count, 1)[:, None]
+            self.cache[key] = (sums, scales, count)
         return self.cache[key]
 
     def masses(self, L: str, m: int, edges: np.ndarray) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:

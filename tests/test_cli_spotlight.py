@@ -120,8 +120,8 @@ def test_rank_defaults_to_last_layer_and_prints_a_table(runs) -> None:
     path, bf = runs["mlp"]
     last = bf.manifest["layers"][-1]["name"]
     d = cli_json("rank", path, "-t", 0)
-    assert d["layer"] == last and d["by"] == "attention" and d["group"] == "pattern" and len(d["results"]) == 10
-    check_pattern_ranks(bf, last, 0, [as_ranked(r) for r in d["results"]], "attention", False, 10)
+    assert d["layer"] == last and d["by"] == "effect" and d["group"] == "pattern" and len(d["results"]) == 10
+    check_pattern_ranks(bf, last, 0, [as_ranked(r) for r in d["results"]], "effect", False, 10)
     r = cli("rank", path, "-t", 0, "--by", "effect", "--group", "example")
     assert "effect" in r.stdout and r.stdout.count("\n") > 3
     cli("rank", path, "-t", 0, "--device", "cpu", "--json")
@@ -204,7 +204,13 @@ def brute_votes(bf: Brute, L: str) -> dict:
     class_abs, _ = bf.class_abs(L)
     vote = class_abs.argmax(axis=0)
     right, model_right = vote == bf.test_label, bf.test_prediction == bf.test_label
+    # the frequency-normalised vote: the largest mean |α| per pattern of the class
+    counts = np.bincount(bf.pattern_class(L), minlength=class_abs.shape[0])
+    mean = np.where(counts[:, None] > 0, class_abs / np.maximum(counts, 1)[:, None], -np.inf)
+    norm_vote = mean.argmax(axis=0)
     return {"layer": L, "test_items": len(vote), "label_agreement": right.mean(),
+            "normalised_label_agreement": (norm_vote == bf.test_label).mean(),
+            "normalised_prediction_agreement": (norm_vote == bf.test_prediction).mean(),
             "prediction_agreement": (vote == bf.test_prediction).mean(), "model_accuracy": model_right.mean(),
             "table": {"vote_right_model_right": int((right & model_right).sum()), "vote_right_model_wrong": int((right & ~model_right).sum()),
                       "vote_wrong_model_right": int((~right & model_right).sum()), "vote_wrong_model_wrong": int((~right & ~model_right).sum())}}
@@ -215,8 +221,9 @@ def assert_votes(got: dict, want: dict) -> None:
     assert got["table"] == want["table"]
     for k in ("layer", "test_items"):
         assert got[k] == want[k]
-    for k in ("label_agreement", "prediction_agreement", "model_accuracy"):
-        assert got[k] == pytest.approx(want[k])
+    for k in ("label_agreement", "prediction_agreement", "model_accuracy", "normalised_label_agreement",
+              "normalised_prediction_agreement"):
+        assert got[k] == pytest.approx(want[k]), k
 
 
 @pytest.mark.parametrize("family", ["mlp", "text", "lm"])

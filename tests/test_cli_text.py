@@ -140,7 +140,7 @@ def test_rank_json_carries_training_text(bundle: Path, tables, by: str) -> None:
 
 def test_rank_on_an_embedding_layer(bundle: Path, tables) -> None:
     vocab, train_input, test_input = tables
-    r = _invoke("rank", bundle, "-t", 1, "-l", "tok", "--json", "-k", 4)
+    r = _invoke("rank", bundle, "-t", 1, "-l", "tok", "--by", "attention", "--json", "-k", 4)
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     query_token = vocab[test_input[1, CONTEXT - 1]]

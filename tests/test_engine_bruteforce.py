@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import independent_v1 as iv
-from bruteforce_v1 import (N_TEST, Brute, check_all, check_example_ranks, check_masses, check_pattern_ranks,
+from bruteforce_v1 import (N_TEST, SCORES, Brute, check_all, check_example_ranks, check_masses, check_pattern_ranks,
                            check_position_ranks, check_votes, make, ranking, write)
 
 import dualtui.engine.spotlight as spot
@@ -157,11 +157,11 @@ def test_embedding_ties_break_by_lower_index(built) -> None:
 def test_top_zero_and_errors(built) -> None:
     bundle, _, _ = built(("mlp", "float32", "single"))
     res = spotlights(bundle, "head", [0], top=0, groups=PLAIN, device="cpu")
-    assert set(res[0].ranked) == {(b, g, r) for b in ("attention", "magnitude", "effect") for g in PLAIN for r in (False, True)}
+    assert set(res[0].ranked) == {(b, g, r) for b in SCORES for g in PLAIN for r in (False, True)}
     assert all(v == [] for v in res[0].ranked.values())
     lm, _, _ = built(("lm", "float32", "single"))
     res = spotlights(lm, "head", [0], top=0, groups=GROUPS, device="cpu")
-    assert len(res[0].ranked) == 18 and all(v == [] for v in res[0].ranked.values())
+    assert len(res[0].ranked) == len(SCORES) * 3 * 2 and all(v == [] for v in res[0].ranked.values())
     with pytest.raises(IndexError, match="out of range"):
         spotlights(bundle, "head", [N_TEST])
     with pytest.raises(IndexError, match="out of range"):

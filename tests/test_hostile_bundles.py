@@ -245,3 +245,163 @@ def test_a_header_of_a_million_tensors_is_refused_before_it_is_parsed(base: Path
     r = runner.invoke(app, ["info", str(path)])
     _check(r, True, ["info"])
     assert "header lists 300,052 tensors, the limit is 200,000" in r.stderr
+
+
+def test_no_tab_of_the_app_sends_a_control_character_to_the_terminal(base: Path, tmp_path: Path) -> None:
+    """What the app draws (the compositor's output, as the terminal gets it), on every tab, with
+    escape sequences, C1 controls and bidi overrides in task, class and optimizer names. The
+    Overview once drew task names raw: the SVG export escaped them, the terminal did not."""
+    from dualtui.bundle import Bundle
+    from dualtui.tui.app import DualtuiApp
+    from dualtui.tui.model import OpenRun
+    from test_tui_pilot import screen_text, settle
+
+    t, m = _load(base)
+    evil = "\x1b[31mRED\x1b]0;pwned\x07\x1b[2J\x1b]8;;http://evil/\x1b\\link\x1b]8;;\x1b\\\x7f\x9b31m\u202e"
+    m["tasks"] = [evil]
+    m["classes"][2] = evil
+    m["optimizer"]["name"] = evil
+    m["training"]["interrupted"] = evil
+    b = Bundle.open(_write(tmp_path / "app.safetensors", t, m))
+
+    async def drive() -> list[str]:
+        a = DualtuiApp(OpenRun(b, b.default_query_set), test=0, layer="net.4", export_dir=tmp_path)
+        shown = []
+        async with a.run_test(size=(120, 40)) as pilot:
+            await settle(pilot, a)
+            for key in ["1", "2", "3", "4", "5", "question_mark", "escape"]:
+                await pilot.press(key)
+                await settle(pilot, a)
+                shown.append(screen_text(a))
+        return shown
+
+    for text in asyncio.run(drive()):
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]", text), repr(text[:400])
+
+
+# ----------------------------------------------------------------------------- found by an independent check
+def test_a_lone_surrogate_in_a_name_is_refused_not_a_traceback(base: Path, tmp_path: Path) -> None:
+    t, m = _load(base)
+    text = json.dumps(m).replace('"digits 0-9"', '"digits \\ud800"')
+    assert "\\ud800" in text
+    path = _write(tmp_path / "s.safetensors", t, text)
+    for cmd in (["info"], ["rank", "--test", "0", "--group", "example", "--by", "effect"], ["mass", "--test", "0"]):
+        r = runner.invoke(app, [cmd[0], str(path), *cmd[1:]])
+        _check(r, True, cmd)
+        assert "lone surrogate" in r.stderr
+
+
+@pytest.mark.parametrize("field", ["keys", "values"])
+def test_keys_and_values_of_one_layer_share_a_storage_dtype(base: Path, tmp_path: Path, field: str) -> None:
+    t, m = _load(base)
+    t[f"layer/net.4/{field}"] = t[f"layer/net.4/{field}"].astype(np.float64)
+    path = _write(tmp_path / "d.safetensors", t, m)
+    for cmd in (["rank", "--test", "0", "--json"], ["verify"]):
+        r = runner.invoke(app, [cmd[0], str(path), *cmd[1:]])
+        _check(r, True, cmd)
+        assert "share one storage dtype" in r.stderr
+
+
+@pytest.mark.parametrize("bad", [-1, "N"])
+def test_ids_read_for_the_shown_rows_are_checked_too(base: Path, tmp_path: Path, bad) -> None:
+    """Ranking by attention streams keys only: the example ids of the rows it prints are read by
+    random access, and were not checked (example −1 was printed as the last example's label)."""
+    t, m = _load(base)
+    n = len(t["train/label"])
+    _set(t, "layer/net.0/example", 0, n if bad == "N" else bad)
+    path = _write(tmp_path / "e.safetensors", t, m)
+    r = runner.invoke(app, ["rank", str(path), "--test", "0", "--layer", "net.0", "-k", "20000", "--csv"])
+    _check(r, True, ["rank"])
+    r = runner.invoke(app, ["rank", str(path), "--test", "0", "--layer", "net.0", "-k", "20000", "--csv", "--reverse"])
+    _check(r, True, ["rank"])
+
+
+@pytest.mark.parametrize("value", [-(2**63), 60, 999])
+def test_a_text_runs_windows_hold_token_ids_in_the_vocabulary(tmp_path: Path, value: int) -> None:
+    t, m = _load(TEXT_SAMPLE)
+    _set(t, "train/input", (0, 5), value)
+    path = _write(tmp_path / "w.safetensors", t, m)
+    for cmd in (["mass", "--test", "0", "--layer", "head"], ["info"], ["rank", "--test", "0"]):
+        r = runner.invoke(app, [cmd[0], str(path), *cmd[1:]])
+        _check(r, True, cmd)
+        assert "'train/input'" in r.stderr and "token ids" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["loop", "nul"])
+def test_odd_shard_names_and_links_are_one_line(base: Path, tmp_path: Path, case: str) -> None:
+    (tmp_path / "set").mkdir()
+    meta = safe_open(str(base), "np").metadata()
+    name = "s-00001-of-00001.safetensors"
+    if case == "loop":
+        (tmp_path / "set" / name).symlink_to(tmp_path / "set" / name)
+    else:
+        name += "\x00.x"
+    index = {"metadata": meta, "weight_map": {n: name for n in load_file(str(base))}}
+    path = tmp_path / "set" / "s.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    for cmd in (["info"], ["verify"], ["rank", "--test", "0", "--json"]):
+        r = runner.invoke(app, [cmd[0], str(path), *cmd[1:]])
+        _check(r, True, cmd)
+
+
+def test_a_path_that_is_not_utf8_is_printed_visibly(base: Path, tmp_path: Path) -> None:
+    name = os.fsdecode(b"\xff\xfe\x9b31m.safetensors")  # its bytes arrive as surrogates
+    path = tmp_path / name
+    path.write_bytes(base.read_bytes())
+    r = runner.invoke(app, ["info", str(path)])
+    _check(r, False, ["info"])
+    assert "\\xff\\xfe\\x9b31m.safetensors" in r.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("where", ["manifest", "header"])
+def test_a_key_given_twice_is_refused(base: Path, tmp_path: Path, where: str) -> None:
+    """Python's json keeps the last of two equal keys, other readers the first: a bundle whose
+    JSON says two things is refused instead of read one way."""
+    raw = base.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = raw[8 : 8 + n].decode(), raw[8 + n :]
+    if where == "manifest":
+        m = json.loads(json.loads(header)["__metadata__"]["dualtui"])
+        text = json.dumps(m).replace('"tasks": ', '"tasks": ["other"], "tasks": ', 1)
+        h = json.loads(header)
+        h["__metadata__"]["dualtui"] = text
+        new = json.dumps(h)
+    else:
+        new = header.replace('{"__metadata__":', '{"__metadata__":{"format":"pt"},"__metadata__":', 1)
+    assert new != header
+    body = new.encode()
+    body += b" " * ((-len(body)) % 8)
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    r = runner.invoke(app, ["info", str(path)])
+    _check(r, True, ["info"])
+    assert "appears twice" in r.stderr
+
+
+def test_a_query_position_outside_the_context_is_refused(tmp_path: Path) -> None:
+    t, m = _load(TEXT_SAMPLE)
+    name = "queries/test/layer/head/position"
+    _set(t, name, 0, 10**6)
+    path = _write(tmp_path / "p.safetensors", t, m)
+    for cmd in (["verify"], ["rank", "--test", "0"]):
+        r = runner.invoke(app, [cmd[0], str(path), *cmd[1:]])
+        _check(r, True, cmd)
+        assert "outside the 16-token context" in r.stderr
+
+
+@pytest.mark.parametrize("key, value", [("not_covered", '"abc"'), ("not_covered", "[1, 2]"),
+                                        ("attribution.layers.net.4", "1" + "0" * 400)])
+def test_manifest_fields_readers_print_have_their_types(base: Path, tmp_path: Path, key: str, value: str) -> None:
+    """Found by benchmarks/fuzz_bundles.py: a string not_covered crashed info (join), a 400-digit
+    number in attribution.layers overflowed every command's float()."""
+    t, m = _load(base)
+    marker = "\u2603"
+    if key == "not_covered":
+        m["not_covered"] = marker
+    else:
+        m["attribution"]["layers"]["net.4"] = marker
+    text = json.dumps(m).replace(json.dumps(marker), value)
+    path = _write(tmp_path / "f.safetensors", t, text)
+    for cmd in (["info"], ["verify"], ["rank", "--test", "0"]):
+        r = runner.invoke(app, [cmd[0], str(path), *cmd[1:]])
+        _check(r, True, cmd)

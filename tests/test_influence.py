@@ -37,12 +37,16 @@ def brute(path: Path, layer: str, example: int) -> dict[str, np.ndarray]:
     q, g = t[qb + "query"].astype(np.float64), t[qb + "grad"].astype(np.float64)
     item, focus = t[qb + "item"], t[qb + "focus"]
     M = len(t["queries/test/label"])
-    out = {s: np.zeros(M) for s in ("attention", "magnitude", "effect")}
+    out = {s: np.zeros(M) for s in ("attention", "magnitude", "effect", "cosine")}
+    extra = 1.0 if bias else 0.0
+    knorm = np.sqrt((k * k).sum(axis=1) + extra)
     for m in range(M):
         rows = np.nonzero(item == m)[0]
-        a = k @ q[rows].T + (1.0 if bias else 0.0)  # [patterns, rows]
+        a = k @ q[rows].T + extra  # [patterns, rows]
         f = int(focus[m])
         alpha = a[:, list(rows).index(f)] if f >= 0 else a.mean(axis=1)
+        qf = q[f] if f >= 0 else q[rows].mean(axis=0)
+        out["cosine"][m] = (alpha / (knorm * np.sqrt(qf @ qf + extra))).mean()
         out["attention"][m] = alpha.sum()
         out["magnitude"][m] = (np.abs(alpha) * np.linalg.norm(v, axis=1)).sum()
         out["effect"][m] = (a * (v @ g[rows].T)).sum()
@@ -51,7 +55,7 @@ def brute(path: Path, layer: str, example: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("sample, layer, example", [("digits", "net.4", 431), ("digits", "net.0", 7),
                                                     ("text", "head", 3), ("text", "blocks.0.attn.q", 273)])
-@pytest.mark.parametrize("by", ["effect", "attention", "magnitude"])
+@pytest.mark.parametrize("by", ["effect", "attention", "magnitude", "cosine"])
 def test_influence_equals_brute_force(sample, layer, example, by):
     path = SAMPLES[sample]
     want = brute(path, layer, example)
@@ -67,7 +71,7 @@ def test_influence_equals_brute_force(sample, layer, example, by):
     assert [x["item"] for x in lay["least"]] == bottom
     scale = max(1.0, float(np.abs(s).max()))
     for row in lay["most"] + lay["least"]:
-        for score in ("attention", "magnitude", "effect"):
+        for score in ("attention", "magnitude", "effect", "cosine"):
             assert abs(row[score] - want[score][row["item"]]) <= 1e-5 * max(1.0, float(np.abs(want[score]).max())), score
     assert scale > 0
 

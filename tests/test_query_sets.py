@@ -70,7 +70,7 @@ def test_rank_uses_the_named_set(two_sets: Path, name: str) -> None:
     q = b.array(f"queries/{name}/layer/2/query").astype(np.float64)
     m = 1
     alpha = keys @ q[m] + 1.0
-    code, out, err = cli("rank", two_sets, "-t", m, "--queries", name, "-k", 5, "--json")
+    code, out, err = cli("rank", two_sets, "-t", m, "--queries", name, "-k", 5, "--by", "attention", "--json")
     assert code == 0, err
     d = json.loads(out)
     assert d["queries"] == name
@@ -126,7 +126,8 @@ def test_the_app_switches_query_set(two_sets: Path, tmp_path: Path) -> None:
             assert app.open_run.queries_name == "train-subset" and app.test == 0
             assert app.query_one("#tests-table").row_count == 4
             spot = app.results[app.layer]
-            code, out, _ = cli("rank", two_sets, "-t", 0, "--queries", "train-subset", "-l", app.layer, "-k", 5, "--json")
+            code, out, _ = cli("rank", two_sets, "-t", 0, "--queries", "train-subset", "-l", app.layer, "-k", 5, "--by", "attention",
+                               "--json")
             want = [(r["pattern"], r["score"]) for r in json.loads(out)["results"]]
             got = [(r.pattern, r.score) for r in spot.ranked[("attention", "pattern", False)][:5]]
             assert got == want

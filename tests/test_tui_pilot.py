@@ -294,12 +294,12 @@ def test_spotlight_keys_match_cli_each_time() -> None:
                 ("right_square_bracket", dict(layer="net.4")),
                 ("right_square_bracket", dict(layer="net.0")),  # wraps around
                 ("left_square_bracket", dict(layer="net.4")),
-                ("b", dict(by="magnitude")),
-                ("b", dict(by="effect")),
+                ("b", dict(by="cosine")),
+                ("b", dict(by="attention")),
                 ("g", dict(group="example")),
                 ("r", dict(reverse=True)),
                 ("left_square_bracket", dict(layer="net.2")),
-                ("b", dict(by="attention")),
+                ("b", dict(by="magnitude")),
                 ("g", dict(group="pattern")),
                 ("n", dict(test=6)),
                 ("p", dict(test=5)),
@@ -322,7 +322,7 @@ def test_exports_equal_cli_output(tmp_path: Path) -> None:
         app, _ = new_app(SINGLE, tmp_path, test=3)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot, app)
-            for keys in ((), ("b", "b", "g", "r", "left_square_bracket")):  # as opened; effect/example/reverse/net.2
+            for keys in ((), ("b", "b", "g", "r", "left_square_bracket")):  # as opened; attention/example/reverse/net.2
                 await pilot.press(*keys)
                 await settle(pilot, app)
                 check_spotlight(app, SINGLE)
@@ -333,7 +333,7 @@ def test_exports_equal_cli_output(tmp_path: Path) -> None:
                     assert path.parent == tmp_path and path.is_file(), sorted(tmp_path.iterdir())
                     assert path.read_text() == cli_stdout(SINGLE, *state(app), 100, ext), path.name
             d = json.loads(app.export_path("json").read_text())
-            assert len(d["results"]) == 100 and (d["by"], d["group"], d["reverse"]) == ("effect", "example", True)
+            assert len(d["results"]) == 100 and (d["by"], d["group"], d["reverse"]) == ("attention", "example", True)
 
             await pilot.press("s")
             await pilot.pause()
@@ -368,21 +368,21 @@ def test_help_palette_and_quit() -> None:
             await pilot.pause()
             assert app.screen is main
 
-            assert app.by == "attention"
+            assert app.by == "effect"  # the default: what each pattern did to this prediction
             await pilot.press("ctrl+p")
             await pilot.pause()
             assert isinstance(app.screen, CommandPalette)
-            await pilot.press(*"score: effect")
+            await pilot.press(*"score: attention")
             commands = app.screen.query_one(CommandList)
             for _ in range(100):  # the palette searches asynchronously
                 if commands.option_count and commands.highlighted is not None:
                     break
                 await pilot.pause(0.05)
-            assert "score: effect" in str(commands.get_option_at_index(commands.highlighted).prompt)
+            assert "score: attention" in str(commands.get_option_at_index(commands.highlighted).prompt)
             await pilot.press("enter")
             await settle(pilot, app)
             assert app.screen is main
-            assert app.by == "effect"
+            assert app.by == "attention"
             check_spotlight(app, SINGLE)
 
             await pilot.press("q")

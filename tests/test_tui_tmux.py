@@ -132,10 +132,10 @@ def test_open_in_tmux_shows_ranking_cycles_score_and_quits(tmp_path: Path) -> No
         def ranked(screen: str):
             head = spotlight_header(screen) or ""
             rows = ranking_rows(screen, 3)
-            done = all(w in head for w in ("attention", "per pattern", "highest first")) and "computing" not in head
+            done = all(w in head for w in ("effect", "per pattern", "highest first")) and "computing" not in head
             return (head, rows, screen) if done and rows else None
 
-        head, rows, screen = wait_for(tmux, status, "the ranking of test 3 by attention", ranked)
+        head, rows, screen = wait_for(tmux, status, "the ranking of test 3 by effect", ranked)
         assert [rank for rank, _ in rows] == ["1", "2", "3"], screen
         assert [int(example) for _, example in rows] == expected, screen
         assert "net.4" in head, head  # the last layer, as `dualtui rank` without --layer
@@ -147,9 +147,9 @@ def test_open_in_tmux_shows_ranking_cycles_score_and_quits(tmp_path: Path) -> No
         wait_for(tmux, status, "the second pattern selected after ↓", lambda s: f"#2 example {expected[1]}" in s)
 
         tmux("send-keys", "-t", tmux.session, "b")
-        head = wait_for(tmux, status, "'magnitude' in the spotlight header",
-                        lambda s: (h := spotlight_header(s)) and "magnitude" in h and h)
-        assert "attention" not in head
+        head = wait_for(tmux, status, "'cosine' in the spotlight header",
+                        lambda s: (h := spotlight_header(s)) and "cosine" in h and h)
+        assert "cosine" in head.splitlines()[0]
 
         tmux("send-keys", "-t", tmux.session, "q")
         deadline = time.monotonic() + 10

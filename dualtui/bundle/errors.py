@@ -74,3 +74,18 @@ class BadOrder(BundleError):
 
 class UnreadableFile(BundleError):
     kind = "unreadable file"
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice: readers would disagree on its value."""
+
+
+def no_duplicates(pairs: list) -> dict:
+    """json.loads(object_pairs_hook=...): refuse an object with a key given twice (Python keeps
+    the last, other readers the first or an error: a bundle must mean one thing)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(f"the key {k[:60]!r} appears twice in one object")
+        out[k] = v
+    return out

@@ -162,7 +162,7 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
         raise errors.BadManifest(path, f"the {METADATA_KEY!r} metadata must be the manifest as a JSON string, "
                                        f"not a JSON {_JSON_TYPES.get(type(text), type(text).__name__)}")
     try:
-        d = json.loads(text)
+        d = json.loads(text, object_pairs_hook=errors.no_duplicates)
     except json.JSONDecodeError as e:
         raise errors.BadManifest(path, f"manifest is not valid JSON ({e.msg} at char {e.pos})") from None
     except ValueError as e:  # an integer of more than 4,300 digits
@@ -170,6 +170,11 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
     except RecursionError:
         raise errors.BadManifest(path, "manifest is not valid JSON (nested too deeply)") from None
     _require(isinstance(d, dict), path, "manifest must be a JSON object")
+    try:  # JSON may escape a lone surrogate ("\\ud800"): a string no UTF-8 output can carry
+        json.dumps(d, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.BadManifest(path, "a string in the manifest holds a lone surrogate (a \\ud800-\\udfff escape): "
+                                       "not valid Unicode") from None
     _require(d.get("format") == FORMAT, path, f"manifest 'format' is {d.get('format')!r}, expected {FORMAT!r}")
     version = d.get("version")
     if not _is_int(version) or version not in READ_VERSIONS:
@@ -250,6 +255,9 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
         _require(attribution is None or isinstance(attribution, dict), path, "'attribution' must be an object")
         if attribution is not None:
             _check_attribution(attribution, path)
+    nc = d.get("not_covered")
+    _require(nc is None or (isinstance(nc, list) and all(isinstance(x, str) for x in nc)), path,
+             "'not_covered' must be a list of parameter names")
     checksums = d.get("checksums")
     if checksums is not None:
         parsed = checksum_entry(checksums)
@@ -273,7 +281,9 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return abs(x) < 1e308 if isinstance(x, int) else math.isfinite(x)  # a 400-digit int overflows isfinite
 
 
 def _check_attribution(a: dict, path: object) -> None:

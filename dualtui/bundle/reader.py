@@ -47,7 +47,11 @@ def _inside(folder: Path, name: str, index: Path) -> Path:
     resolves inside that folder (read_header then refuses FIFOs, devices and folders)."""
     p = folder / name
     if p.is_symlink():
-        real, home = p.resolve(), folder.resolve()
+        try:
+            real, home = p.resolve(strict=True), folder.resolve()
+        except (OSError, RuntimeError):  # a loop (RuntimeError on Python 3.11), or a dangling link
+            raise errors.UnreadableFile(index, f"shard {name} is a symlink that does not resolve (a loop, or its target "
+                                               "is missing)") from None
         if home != real.parent and home not in real.parents:
             raise errors.NotSafetensors(index, f"shard {name} is a symlink to {real}, outside the bundle's folder")
     return p
@@ -89,7 +93,7 @@ class Bundle:
         try:
             if path.exists() and not path.is_file():  # a FIFO would block read_text() forever
                 raise errors.UnreadableFile(path, "is not a regular file")
-            index = json.loads(path.read_text(encoding="utf-8"))
+            index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=errors.no_duplicates)
         except FileNotFoundError:
             raise errors.UnreadableFile(path, "no such file") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -107,7 +111,8 @@ class Bundle:
         shards: dict[str, MappedFile] = {}
         files: dict[str, MappedFile] = {}
         for name, shard in index["weight_map"].items():
-            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+            if (not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith(".")
+                    or not shard.isprintable()):  # a NUL would reach os.stat; a control character the terminal
                 raise errors.NotSafetensors(path, f"weight_map entry for {name!r} is not a shard file name beside the index")
             if shard not in shards:
                 shards[shard] = MappedFile(read_header(_inside(path.parent, shard, path)))
@@ -327,6 +332,7 @@ class Bundle:
             fields = ["keys", "values", "step", "example"] + (["position"] if text or self.has_position(L) else [])
             names_of = {f: self.pattern_names(L, f) for f in fields}
             total = 0
+            storage: set[str] = set()
             for c in range(spec.chunks):
                 sizes = set()
                 for f in fields:
@@ -337,7 +343,14 @@ class Bundle:
                         info = self._expect(name, (None, o), STORAGE_FLOATS)
                     else:
                         info = self._expect(name, (None,), ("I64",))
+                    if f in ("keys", "values") and info.dtype != "I64":
+                        storage.add(info.dtype)
                     sizes.add(info.shape[0])
+                # One storage dtype per layer (keys and values, every chunk): the engine computes a
+                # layer in one dtype, chosen from it.
+                if len(storage) > 1:
+                    raise errors.ShapeMismatch(self.path, f"layer {L!r}: keys and values are stored as {' and '.join(sorted(storage))}; "
+                                                          "a layer's keys and values share one storage dtype")
                 if len(sizes) != 1:
                     raise errors.ShapeMismatch(self.path, f"layer {L!r} chunk {c}: per-pattern tensors have different lengths {sorted(sizes)}")
                 total += sizes.pop()
@@ -397,6 +410,16 @@ class Bundle:
         ids("train/task", n_tasks, "tasks")
         if self.has("train/input") and self.info("train/input").dtype in FLOAT_DTYPES:
             self._finite("train/input", self.array("train/input"))
+        if m.input.get("kind") == "text":
+            # A text run's windows are token ids: the next token of a pattern (its class in a
+            # language model), and every preview, is read from them.
+            vocab = len(m.input.get("vocab", []))
+            windows = ["train/input"] + [qs.item_name("input") for qs in self._query_sets.values() if qs.has("input")]
+            for name in (w for w in windows if self.has(w)):
+                if self.info(name).dtype in FLOAT_DTYPES:
+                    raise errors.ShapeMismatch(self.path, f"{name!r}: a text run's windows are token ids (integers), not "
+                                                          f"{self.info(name).dtype}")
+                ids(name, vocab, "token ids")
         for qs in self._query_sets.values():
             n = qs.size
             for f, upper, what in (("label", n_classes, "classes"), ("prediction", n_classes, "classes"),
@@ -428,6 +451,11 @@ class Bundle:
                     a = self.array(qs.row_name(L, f))
                     if a.size and a.min() < 0:
                         raise errors.IdOutOfRange(self.path, f"{qs.row_name(L, f)!r} holds {int(a.min())}, must be >= 0")
+                ctx = m.input.get("context") if m.input.get("kind") == "text" else None
+                pos = self.array(qs.row_name(L, "position"))
+                if isinstance(ctx, int) and pos.size and pos.max() >= ctx:
+                    raise errors.IdOutOfRange(self.path, f"{qs.row_name(L, 'position')!r} holds {int(pos.max())}, "
+                                                         f"outside the {ctx}-token context")
                 focus = self.array(qs.row_name(L, "focus"))
                 if focus.size:
                     if focus.min() < -1 or focus.max() >= len(item):

@@ -110,7 +110,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     if entries > MAX_TENSORS:
         raise errors.HeaderTooLarge(path, f"header lists {entries:,} tensors, the limit is {MAX_TENSORS:,}")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=errors.no_duplicates)
+    except errors.DuplicateKey as e:
+        raise errors.NotSafetensors(path, f"the header is ambiguous: {e}") from None
     except (ValueError, RecursionError) as e:
         # RecursionError: JSON nested deeper than Python's parser can follow; ValueError also
         # covers an integer of more than 4,300 digits and bad UTF-8.

@@ -5,7 +5,7 @@ An example has few patterns (one per time it was seen, times positions in a sequ
 this is the example's patterns against every query row of the set: one scan of the layer's
 example ids to find them, then a small product per batch of items, in float64. The score of
 example E for item m is exactly the per-example score of `rank --group example` for m:
-the sum over E's patterns of attention, magnitude and effect.
+the sum over E's patterns of attention, magnitude and effect, and the mean of their cosines.
 """
 
 from __future__ import annotations
@@ -85,9 +85,11 @@ def influence(bundle: Bundle, layer: str, example: int, queries: str | None = No
             iq = ItemQueries.build(qs.rows(layer, items), spec, dev, torch.float64)
             a_rows = iq.row_alpha(k, bias_term)
             alpha = iq.attention(a_rows)
-            per = {"attention": alpha, "magnitude": iq.magnitude(alpha, v, k), "effect": iq.effect(a_rows, v, k)}
+            per = {"attention": alpha, "magnitude": iq.magnitude(alpha, v, k), "effect": iq.effect(a_rows, v, k),
+                   "cosine": iq.cosine(alpha, k, bias_term)}
             for s, t in per.items():
                 scores[s][lo : lo + len(items)] = t.sum(0).cpu().numpy()
+        scores["cosine"] /= len(pats["index"])  # the mean over the example's patterns, as `rank --group example`
     for s, a in scores.items():
         if not np.isfinite(a).all():
             raise errors.NonFinite(bundle.path, f"layer {layer!r}: example {example}'s {s} scores are not finite "

@@ -78,9 +78,27 @@ class ItemQueries:
         iq = cls(M, emb, spec.bias, q, g, item, focus, single, focus >= 0, count)
         if spec.kind == "elementwise":
             iq.elementwise = True
+        if not emb:
+            # Each item's focus query (the mean of its rows for focus −1): attention is linear in
+            # it, so the cosine score divides by its norm.
             mean = torch.zeros(M, q.shape[1], dtype=dtype, device=device).index_add_(0, item, q) / count.clamp(min=1.0)[:, None]
             iq.qf = torch.where(iq.has_focus[:, None], q[focus.clamp(min=0)] if len(q) else mean, mean)
         return iq
+
+    def cosine(self, alpha: torch.Tensor, k: torch.Tensor, bias_term: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, M]: attention normalised by both norms, α / (‖k̃‖ ‖q̃‖), with k̃ = (k, b) and q̃ = (q, 1)
+        when the layer has a bias (b = 1, or the pattern's bias_scale): how alike the training
+        and test inputs are, whatever their size (1 for an exact copy). 0 where a norm is 0. An
+        embedding's keys and queries are one-hot: its cosine is its attention."""
+        if self.emb:
+            return alpha
+        k2 = (k * k).sum(1)
+        q2 = (self.qf * self.qf).sum(1)
+        if self.bias and not self.elementwise:
+            k2 = k2 + (bias_term.to(k2.dtype) ** 2 if bias_term is not None else 1.0)
+            q2 = q2 + 1.0
+        denom = torch.sqrt(k2)[:, None] * torch.sqrt(q2)[None, :]
+        return torch.where(denom > 0, alpha / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(alpha))
 
     def row_alpha(self, k: torch.Tensor, bias_term: torch.Tensor | None = None) -> torch.Tensor:
         """α_{t,r} for a block of keys: [n, R]. The bias is the weight of a constant input 1, or
@@ -175,7 +193,20 @@ def exact_scores(spec: LayerSpec, keys: np.ndarray, values: np.ndarray, q: np.nd
     else:
         alpha = a_rows.mean(axis=1)
     effect = (a_rows * (values @ np.asarray(g, dtype=np.float64).T)).sum(axis=1)
-    return {"attention": alpha, "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1), "effect": effect}
+    if spec.kind == "embedding":
+        cosine = alpha
+    else:
+        q64 = np.asarray(q, dtype=np.float64)
+        qf = q64[focus] if focus >= 0 else (q64.mean(axis=0) if len(q64) else np.zeros(keys.shape[1]))
+        k2 = (keys.astype(np.float64) ** 2).sum(axis=1)
+        q2 = float((qf * qf).sum())
+        if spec.bias:
+            k2 = k2 + (np.asarray(bias_term, dtype=np.float64) ** 2 if bias_term is not None else 1.0)
+            q2 += 1.0
+        denom = np.sqrt(k2) * np.sqrt(q2)
+        cosine = np.where(denom > 0, alpha / np.where(denom > 0, denom, 1.0), 0.0)
+    return {"attention": alpha, "magnitude": np.abs(alpha) * np.linalg.norm(values, axis=1), "effect": effect,
+            "cosine": cosine}
 
 
 def _exact_elementwise(spec: LayerSpec, k: np.ndarray, v: np.ndarray, q: np.ndarray, g: np.ndarray, focus: int) -> dict:
@@ -183,7 +214,11 @@ def _exact_elementwise(spec: LayerSpec, k: np.ndarray, v: np.ndarray, q: np.ndar
     qf = q[focus] if focus >= 0 else (q.mean(axis=0) if len(q) else np.zeros(k.shape[1]))
     contrib = v * (k * qf[None, :] + b)  # [n, C] at the focus row
     effect = sum(((v * (k * q[r][None, :] + b)) @ g[r]) for r in range(len(q))) if len(q) else np.zeros(len(k))
-    return {"attention": k @ qf, "magnitude": np.linalg.norm(contrib, axis=1), "effect": np.asarray(effect, dtype=np.float64)}
+    alpha = k @ qf
+    denom = np.linalg.norm(k, axis=1) * np.linalg.norm(qf)
+    cosine = np.where(denom > 0, alpha / np.where(denom > 0, denom, 1.0), 0.0)
+    return {"attention": alpha, "magnitude": np.linalg.norm(contrib, axis=1), "effect": np.asarray(effect, dtype=np.float64),
+            "cosine": cosine}
 
 
 def focus_outputs(spec: LayerSpec, weight: np.ndarray, bias: np.ndarray | None, rows: QueryRows) -> np.ndarray:

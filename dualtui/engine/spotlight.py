@@ -4,6 +4,7 @@ For an item m of a query set at layer L (docs/format.md section 6), with query r
     attention  α_t = k_t · q_f (+1 with a bias; [k_t == q_f] for an embedding), f the focus row
     magnitude  |α_t| · ‖v_t‖
     effect     Σ_r α_{t,r} (v_t · g_r) over all the item's rows
+    cosine     α_t / (‖k̃_t‖ ‖q̃_f‖), attention normalised (k̃ = (k, 1), q̃ = (q, 1) with a bias)
 One streaming pass over the layer's chunks keeps running top-k at both ends, sums per
 training example, masses per task / class / step bin, and the per-layer summary. Nothing of
 size patterns × queries is ever materialised beyond one block.
@@ -25,7 +26,7 @@ from .text import NextTokens, labels_are_tokens, next_tokens, position_span
 from .tied import partner_learned
 from .topk import RunningTopK, top_of_dense
 
-SCORES = ("attention", "magnitude", "effect")
+SCORES = ("attention", "magnitude", "effect", "cosine")
 GROUPS = ("pattern", "example", "position")
 # "position" (text runs): one row per training token, i.e. per (example, position) pair,
 # summing the patterns of that token over the epochs that revisited it.
@@ -54,6 +55,7 @@ class Ranked:
     step: int | None = None
     position: int | None = None
     patterns: int | None = None  # how many patterns were summed (example / position grouping)
+    cosine: float | None = None  # α / (‖k̃‖ ‖q̃‖); per example or token: the mean over its patterns
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -210,7 +212,7 @@ def spotlights(
         raise ValueError(f"grouping by position needs a text run: layer {layer!r} has no layer/{layer}/position")
     out: list[Spotlight] = []
     slots = max(bundle.train_size, 1) * (1 + (position_span(bundle) if "position" in groups else 0))
-    per_batch = max(1, min(QUERY_BATCH, ACCUMULATOR_BYTES // (3 * 8 * slots)))
+    per_batch = max(1, min(QUERY_BATCH, ACCUMULATOR_BYTES // (len(SCORES) * 8 * slots)))
     # Items with many rows (all positions of a sequence) widen the score blocks: fewer per batch.
     per_batch = max(1, min(per_batch, int(QUERY_BATCH / max(qs.rows_per_item(layer), 1.0))))
     for lo in range(0, len(tests), per_batch):
@@ -229,7 +231,10 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
     iq = ItemQueries.build(qrows, spec, dev, compute_dtype(bundle, layer))
     by_example = "example" in groups or dense_examples
     by_position = "position" in groups
-    need_values = want_summary or want_masses or by_example or by_position or any(b != "attention" for b in by)
+    need_values = want_summary or want_masses or by_example or by_position or any(b not in ("attention", "cosine") for b in by)
+    # The cosine needs each key's norm (one more read of the block): only when it is ranked by,
+    # or shown for examples and tokens; a pattern's cosine in a ranking is re-scored exactly.
+    want_cosine = "cosine" in by or by_example or by_position
     need_example = want_masses or by_example or by_position
     bias_scale = bundle.bias_scale(layer)
     bias_table = torch.from_numpy(bias_scale).to(dev) if bias_scale is not None else None
@@ -261,7 +266,8 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
         if cancel is not None and cancel():
             raise Cancelled()
         k = block.tensors["keys"]
-        a_rows = iq.row_alpha(k, bias_table[block.tensors["step"]] if bias_table is not None else None)  # [n, R]
+        bt = bias_table[block.tensors["step"]] if bias_table is not None else None
+        a_rows = iq.row_alpha(k, bt)  # [n, R]
         alpha = iq.attention(a_rows)  # [n, M]
         scores: dict[str, torch.Tensor] = {"attention": alpha}
         if need_values:
@@ -269,6 +275,8 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
             scores["magnitude"] = iq.magnitude(alpha, v, k)
             scores["effect"] = iq.effect(a_rows, v, k)
             learned += iq.learned(alpha, v, k)
+        if want_cosine:
+            scores["cosine"] = iq.cosine(alpha, k, bt)
         guard.add(scores.values())  # NaN/Inf in keys or values shows here
         for (b, r), acc in pattern_topk.items():
             acc.update(-scores[b] if r else scores[b], block.start)
@@ -318,6 +326,7 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
     if by_example:
         sums = {s: t.cpu().numpy() for s, t in ex_sums.items()}
         count = ex_count.cpu().numpy()
+        sums["cosine"] = sums["cosine"] / np.maximum(count, 1.0)[:, None]  # a mean, not a sum: 1 for copies
         if "example" in groups:
             _fill_slot_ranks(bundle, results, "example", sums, count, 1, by, reverse, top)
         if dense_examples:
@@ -326,7 +335,9 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
                 res.example_patterns = count
     if by_position:
         sums = {s: t.cpu().numpy() for s, t in pos_sums.items()}
-        _fill_slot_ranks(bundle, results, "position", sums, pos_count.cpu().numpy(), span, by, reverse, top)
+        pcount = pos_count.cpu().numpy()
+        sums["cosine"] = sums["cosine"] / np.maximum(pcount, 1.0)[:, None]
+        _fill_slot_ranks(bundle, results, "position", sums, pcount, span, by, reverse, top)
     return results
 
 
@@ -410,7 +421,7 @@ def _fill_pattern_ranks(bundle: Bundle, layer: str, results: list[Spotlight], ac
                 Ranked(rank=n + 1, score=float(sc[b][i]), attention=float(sc["attention"][i]), magnitude=float(sc["magnitude"][i]),
                        effect=float(sc["effect"][i]), example=int(example[i]), task=int(train_task[example[i]]),
                        label=int(label[i]), pattern=int(idx[i]), step=int(step[i]),
-                       position=None if position is None else int(position[i]))
+                       position=None if position is None else int(position[i]), cosine=float(sc["cosine"][i]))
                 for n, i in enumerate(order)
             ]
 
@@ -435,6 +446,7 @@ def _fill_slot_ranks(bundle: Bundle, results: list[Spotlight], group: str, sums:
                     Ranked(rank=n + 1, score=float(sums[b][s, j]), attention=float(sums["attention"][s, j]),
                            magnitude=float(sums["magnitude"][s, j]), effect=float(sums["effect"][s, j]), example=int(example[n]),
                            task=int(train_task[example[n]]), label=int(label[n]),
-                           position=int(position[n]) if tokens else None, patterns=int(count[s]))
+                           position=int(position[n]) if tokens else None, patterns=int(count[s]),
+                           cosine=float(sums["cosine"][s, j]))
                     for n, s in enumerate(chosen)
                 ]

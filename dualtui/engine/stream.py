@@ -260,4 +260,17 @@ def gather_rows(bundle: Bundle, layer: str, field: str, indices: np.ndarray) -> 
         width = () if field not in ("keys", "values") or (field == "keys" and spec.kind == "embedding") else (
             spec.in_features if field == "keys" else spec.out_features,)
         out = np.zeros((len(indices),) + width, dtype=np.float32 if width else np.int64)
+    if CHECK_BLOCKS and len(indices) and field in ("example", "step", "position", "keys"):
+        # A pass that never streamed this field (attention reads keys only) must not print an
+        # id it read by random access unchecked: example −1 would name the last example.
+        where = f"layer {layer!r} patterns {int(indices.min())}..{int(indices.max())}"
+        none = np.zeros(0, dtype=np.int64)
+        if field == "example":
+            bundle.check_ids(layer, where, out, none)
+        elif field == "step":
+            bundle.check_ids(layer, where, none, out)
+        elif field == "position":
+            bundle.check_ids(layer, where, none, none, out)
+        elif bundle.layer_spec(layer).kind == "embedding":
+            check_block(bundle, layer, int(indices.min()), {"keys": torch.from_numpy(out)})
     return out

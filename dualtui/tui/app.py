@@ -13,7 +13,7 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
 from ..engine.report import csv_text, ranking_dict
-from ..engine.spotlight import SCORES, Cancelled, Spotlight
+from ..engine.spotlight import Cancelled, Spotlight
 from ..literal import literal
 from .commands import DualtuiCommands
 from .export import safe_name, write_new
@@ -26,6 +26,7 @@ from .panes.spotlight import SpotlightPane
 from .panes.tasks import TasksPane
 from .panes.tests import TestsPane
 
+BY_ORDER = ("effect", "cosine", "attention", "magnitude")  # what `b` cycles through, from the default
 VIEWS = ("overview", "tests", "spotlight", "layers", "tasks")
 # Test items whose spotlights stay cached, so going back is instant.
 CACHE_TESTS = 16
@@ -64,7 +65,9 @@ class DualtuiApp(App[None]):
         self.open_run = run  # not `self.run`: that would shadow App.run()
         self.test = test
         self.layer = layer or run.layers[-1]
-        self.by = "attention"
+        # Effect first: what each pattern did to this prediction (its sum is the learned part of
+        # the logit at the last layer); raw attention favours large-norm inputs (README).
+        self.by = BY_ORDER[0]
         self.group = "pattern"
         self.reverse = False
         self.start_view = view
@@ -180,7 +183,7 @@ class DualtuiApp(App[None]):
         target.focus()
 
     def action_cycle_by(self) -> None:
-        self.set_state(by=SCORES[(SCORES.index(self.by) + 1) % len(SCORES)])
+        self.set_state(by=BY_ORDER[(BY_ORDER.index(self.by) + 1) % len(BY_ORDER)])
 
     def action_toggle_group(self) -> None:
         groups = self.open_run.groups  # per pattern → per example (→ per training token, text runs)

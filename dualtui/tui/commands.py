@@ -27,7 +27,7 @@ class DualtuiCommands(Provider):
             ("export: screen as SVG", app.action_svg, ""),
             ("help: keys", app.action_help, ""),
         ]
-        for score in ("attention", "magnitude", "effect"):
+        for score in ("attention", "magnitude", "effect", "cosine"):
             out.append((f"score: {score}", partial(app.set_state, by=score), ""))
         for name in app.open_run.query_set_names:
             out.append((f"queries: {name}", partial(app.action_queries, name), "browse this query set's items"))

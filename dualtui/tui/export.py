@@ -31,7 +31,12 @@ def write_new(folder: Path, name: str, text: str) -> Path:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except FileExistsError:
             continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            # "replace": a character no UTF-8 file can hold (a lone surrogate) must not cost the export
+            with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+                f.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)  # never leave a half-written file behind
+            raise
         return path
     raise FileExistsError(f"{folder}: 9,999 files named like {name} already")

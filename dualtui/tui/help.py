@@ -11,7 +11,7 @@ from textual.widgets import Static
 
 KEYS = [
     ("Views", [("1 … 5", "overview · tests · spotlight · layers · tasks & time"), ("tab / shift+tab", "move focus")]),
-    ("Spotlight", [("b", "score: attention → magnitude → effect"), ("g", "group per pattern / per training example / per training token (text runs)"),
+    ("Spotlight", [("b", "score: effect → cosine → attention → magnitude"), ("g", "group per pattern / per training example / per training token (text runs)"),
                    ("r", "highest first / lowest (most negative) first"), ("[  ]", "previous / next layer"),
                    ("n  p", "next / previous test item"),
                    ("enter", "reverse spotlight: the items the selected training example contributes to most and least"),
@@ -31,6 +31,8 @@ SCORES_HELP = [
     ("magnitude", "|α| · ‖v‖: the size of the pattern's contribution α v to the layer's output"),
     ("effect", "Σ_r α_r (v · g_r): the pattern's first-order change of the test item's target logit (exact at a last "
                "layer); the effects of all patterns plus the initial-weight term add up to that logit there"),
+    ("cosine", "α / (‖k‖ ‖q‖), with the bias input 1 in both: attention normalised; 1 for a training input that is a "
+               "copy of the test input, whatever its size (per example or token: the mean over its patterns)"),
     ("learned %", "‖Σ α v‖ / (‖w0 q + b0‖ + ‖Σ α v‖): how much of the layer's output comes from learning"),
     ("effective", "(Σ|α|)² / Σα²: how many patterns the attention is spread over"),
     ("top-k share", "share of Σ|α| held by the k patterns with the largest |α|"),

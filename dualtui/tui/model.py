@@ -72,6 +72,10 @@ class OpenRun:
         self.test_label = self.queries.label
         self.test_prediction = self.queries.prediction
         self.test_task = self.queries.task
+        # The predicted class's probability and the loss per item (record_test stores them; older
+        # bundles and other writers may not): what the Tests tab sorts by.
+        self.test_probability = self.queries.array("probability") if self.queries.has("probability") else None
+        self.test_loss = self.queries.array("loss") if self.queries.has("loss") else None
 
     # ----------------------------------------------------------------- names
     def class_name(self, i: int) -> str:
@@ -88,14 +92,32 @@ class OpenRun:
     def test_item(self, m: int) -> TestItem:
         return TestItem(m, int(self.test_label[m]), int(self.test_prediction[m]), int(self.test_task[m]))
 
-    def test_items(self, task: int | None = None, correct: bool | None = None) -> np.ndarray:
-        """Indices of test items passing the filters."""
+    SORTS = {"index": "by index", "confidence-low": "least confident first", "confidence-high": "most confident first",
+             "loss-high": "highest loss first"}
+
+    def sorts(self) -> list[str]:
+        """The orders this query set supports (confidence and loss only where they are stored)."""
+        return ["index"] + (["confidence-low", "confidence-high"] if self.test_probability is not None else []) + (
+            ["loss-high"] if self.test_loss is not None else [])
+
+    def test_items(self, task: int | None = None, correct: bool | None = None, label: int | None = None,
+                   prediction: int | None = None, sort: str = "index") -> np.ndarray:
+        """Indices of test items passing the filters, in the order `sort` (ties by index)."""
         keep = np.ones(self.test_size, dtype=bool)
         if task is not None:
             keep &= self.test_task == task
         if correct is not None:
             keep &= (self.test_label == self.test_prediction) == correct
-        return np.nonzero(keep)[0]
+        if label is not None:
+            keep &= self.test_label == label
+        if prediction is not None:
+            keep &= self.test_prediction == prediction
+        idx = np.nonzero(keep)[0]
+        key = {"confidence-low": self.test_probability, "loss-high": None if self.test_loss is None else -self.test_loss,
+               "confidence-high": None if self.test_probability is None else -self.test_probability}.get(sort)
+        if key is not None:
+            idx = idx[np.lexsort((idx, key[idx]))]
+        return idx
 
     # ----------------------------------------------------------------- previews
     @property

@@ -9,6 +9,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import get_current_worker
 
+from ...literal import literal
 from ..model import OpenRun
 from ..render import plain
 
@@ -36,39 +37,44 @@ class OverviewPane(VerticalScroll):
         b = self.run.bundle
         m = b.manifest
         t = Text()
-        t.append(f"{b.path}", style="bold")
-        t.append(f"   format v{m.version} · {_size(b.size_bytes)}" + (f" in {len(b.files)} shards" if b.sharded else "") + "\n")
-        t.append(f"train examples {b.train_size:,} · input {self.run.input_kind}\n")
-        t.append("query sets: ", style="bold")
-        t.append(", ".join(f"{n} ({b.queries(n).size:,} items)" for n in b.query_set_names) or "none")
-        t.append("\n")
+
+        def add(text: str, style: str | None = None) -> None:
+            # everything here may come from the bundle: shown as literal characters, never sent raw
+            t.append(literal(text, keep_lines=True), style=style)
+
+        add(f"{b.path}", style="bold")
+        add(f"   format v{m.version} · {_size(b.size_bytes)}" + (f" in {len(b.files)} shards" if b.sharded else "") + "\n")
+        add(f"train examples {b.train_size:,} · input {self.run.input_kind}\n")
+        add("query sets: ", style="bold")
+        add(", ".join(f"{n} ({b.queries(n).size:,} items)" for n in b.query_set_names) or "none")
+        add("\n")
         a = m.attribution
-        t.append("attribution: ", style="bold")
+        add("attribution: ", style="bold")
         if a is None:
-            t.append("not checked (recorded before the check existed, format v1)\n")
+            add("not checked (recorded before the check existed, format v1)\n")
         elif a.get("checked"):
-            t.append(f"example ids checked at {len(a.get('steps', []))} steps, max relative error "
+            add(f"example ids checked at {len(a.get('steps', []))} steps, max relative error "
                      f"{a.get('max_relative_error', 0.0):.1e}\n")
         else:
-            t.append(f"not checked ({a.get('reason', '')})\n")
-        t.append(f"tasks ({len(m.tasks)}): ", style="bold")
-        t.append(", ".join(m.tasks) + "\n")
-        t.append(f"classes ({len(m.classes)}): ", style="bold")
+            add(f"not checked ({a.get('reason', '')})\n")
+        add(f"tasks ({len(m.tasks)}): ", style="bold")
+        add(", ".join(m.tasks) + "\n")
+        add(f"classes ({len(m.classes)}): ", style="bold")
         names = [self.run.class_name(i) for i in range(min(24, len(m.classes)))]  # text runs: visible tokens
-        t.append(", ".join(names) + (" …" if len(m.classes) > 24 else "") + "\n")
+        add(", ".join(names) + (" …" if len(m.classes) > 24 else "") + "\n")
         if isinstance(m.extra.get("not_covered"), list):
             nc = m.extra["not_covered"]
-            t.append("coverage: ", style="bold")
-            t.append(("not covered by the dual form: " + ", ".join(map(str, nc))) if nc else "every trained parameter is recorded")
-            t.append("\n")
+            add("coverage: ", style="bold")
+            add(("not covered by the dual form: " + ", ".join(map(str, nc))) if nc else "every trained parameter is recorded")
+            add("\n")
         if m.optimizer:
-            t.append("optimizer: ", style="bold")
+            add("optimizer: ", style="bold")
             # per-group settings (lists of objects) are `dualtui info`'s to show, one line per group
-            t.append(", ".join(f"{k}={_short(v)}" for k, v in m.optimizer.items()
+            add(", ".join(f"{k}={_short(v)}" for k, v in m.optimizer.items()
                                if not isinstance(v, (list, dict)) and v not in (None, False, 0, 0.0)) + "\n")
         if m.training:
-            t.append("training: ", style="bold")
-            t.append(", ".join(f"{k}={_short(v)}" for k, v in m.training.items() if not isinstance(v, (list, dict)) and v is not None))
+            add("training: ", style="bold")
+            add(", ".join(f"{k}={_short(v)}" for k, v in m.training.items() if not isinstance(v, (list, dict)) and v is not None))
         self.query_one("#overview-text", Static).update(t)
         table = self.query_one("#overview-layers", DataTable)
         table.add_columns("layer", "kind", "in → out", "patterns", "storage", "size", "verify")
@@ -98,7 +104,7 @@ class OverviewPane(VerticalScroll):
         try:
             self.run.bundle.validate_contents()
         except BundleError as e:
-            self.app.call_from_thread(self._status, Text(f"invalid bundle: {e.detail}", style="bold red"))
+            self.app.call_from_thread(self._status, Text(literal(f"invalid bundle: {e.detail}"), style="bold red"))
             return
         failed = 0
         for i, name in enumerate(self.run.layers):

@@ -9,6 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Select, Static
 
 from ..messages import TestChosen
+from ...units import num
 from ..model import OpenRun
 from ..render import plain
 from ..widgets.preview import Preview
@@ -31,10 +32,16 @@ class TestsPane(Horizontal):
         self.shown: list[int] = []
 
     def compose(self) -> ComposeResult:
+        classes = [(self.run.class_name(i), i) for i in range(len(self.run.classes))]
         with Vertical(id="tests-left"):
             with Horizontal(id="tests-filters"):
-                yield Select([(name, i) for i, name in enumerate(self.run.tasks)], prompt="all tasks", id="filter-task")
+                if len(self.run.tasks) > 1:
+                    yield Select([(name, i) for i, name in enumerate(self.run.tasks)], prompt="all tasks", id="filter-task")
                 yield Select([("correct", True), ("wrong", False)], prompt="all items", id="filter-correct")
+                yield Select(classes, prompt="any label", id="filter-label")
+                yield Select(classes, prompt="any prediction", id="filter-prediction")
+            with Horizontal(id="tests-filters-2"):
+                yield Select([(OpenRun.SORTS[s], s) for s in self.run.sorts()], value="index", allow_blank=False, id="sort")
                 yield Input(placeholder="jump to #", id="jump", type="integer")
             yield Static(id="tests-count")
             yield VimTable(id="tests-table", cursor_type="row", zebra_stripes=True)
@@ -42,25 +49,39 @@ class TestsPane(Horizontal):
             yield Preview(self.run, id="tests-preview")
 
     def on_mount(self) -> None:
-        table = self.query_one("#tests-table", DataTable)
-        table.add_columns("#", "label", "predicted", "", "task", *(["context"] if self.run.is_text else []))
         self.fill()
 
+    def _choice(self, name: str) -> int | bool | None:
+        """A filter's value; an empty Select holds a sentinel, not None: anything that is not a
+        choice means "all"."""
+        found = self.query(f"#{name}")
+        value = found.first(Select).value if found else None
+        return value if isinstance(value, (int, bool)) else None
+
     def fill(self) -> None:
-        task = self.query_one("#filter-task", Select).value
-        correct = self.query_one("#filter-correct", Select).value
-        # An empty Select holds a sentinel, not None: anything that is not a choice means "all".
-        idx = self.run.test_items(task if isinstance(task, int) and not isinstance(task, bool) else None,
-                                  correct if isinstance(correct, bool) else None)
+        task, correct = self._choice("filter-task"), self._choice("filter-correct")
+        sort = self.query_one("#sort", Select).value
+        idx = self.run.test_items(task if not isinstance(task, bool) else None, correct if isinstance(correct, bool) else None,
+                                  self._choice("filter-label"), self._choice("filter-prediction"),
+                                  sort if isinstance(sort, str) else "index")
         table = self.query_one("#tests-table", DataTable)
-        table.clear()
+        table.clear(columns=True)
+        # One corpus or task: its column would repeat one name; the text context gets the room.
+        tasks, prob, loss = len(self.run.tasks) > 1, self.run.test_probability, self.run.test_loss
+        table.add_columns("#", "label", "predicted", "", *(["task"] if tasks else []),
+                          *(["conf"] if prob is not None else []), *(["loss"] if loss is not None else []),
+                          *(["context"] if self.run.is_text else []))
         self.shown = [int(i) for i in idx[:PAGE]]
+        width = max(16, (table.size.width or 60) - 34 - (12 if tasks else 0))
         for i in self.shown:
             it = self.run.test_item(i)
             mark = Text("✓", style="green") if it.correct else Text("✗", style="bold red")
-            extra = [self.run.test_snippet(i, 28)] if self.run.is_text else []
-            table.add_row(str(i), plain(self.run.class_name(it.label)), plain(self.run.class_name(it.prediction)), mark,
-                          plain(self.run.task_name(it.task)), *map(plain, extra), key=str(i))
+            cells = [Text(str(i), justify="right"), plain(self.run.class_name(it.label)), plain(self.run.class_name(it.prediction)), mark]
+            cells += [plain(self.run.task_name(it.task))] if tasks else []
+            cells += [Text(f"{float(prob[i]):.1%}", justify="right")] if prob is not None else []
+            cells += [Text(num(float(loss[i])), justify="right")] if loss is not None else []
+            cells += [plain(self.run.test_snippet(i, width))] if self.run.is_text else []
+            table.add_row(*cells, key=str(i))
         more = f" (first {PAGE}; jump to reach the rest)" if len(idx) > PAGE else ""
         wrong = int(sum(not self.run.test_item(i).correct for i in idx))
         what = "test items" if self.run.queries_name == "test" else f"items of {self.run.queries_name!r}"
@@ -69,6 +90,9 @@ class TestsPane(Horizontal):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         self.fill()
+        test = getattr(self.app, "test", None)
+        if test is not None:
+            self.highlight(test)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id != "tests-table" or event.row_key is None or event.row_key.value is None:

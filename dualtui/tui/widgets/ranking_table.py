@@ -44,9 +44,9 @@ class RankingTable(DataTable):
     def columns_for(self, rows: list[Ranked], group: str, by: str) -> list[Col]:
         middle = Col("step", [str(r.step) for r in rows], numeric=True, drop=1) if group == "pattern" else \
             Col("patterns", [str(r.patterns) for r in rows], numeric=True, drop=1)
-        order = {"magnitude": 3, "attention": 2, "effect": 2}
-        scores = [Col(n, [fmt(getattr(r, n)) for r in rows], numeric=True, drop=4 if n == by else order[n])
-                  for n in ("attention", "magnitude", "effect")]
+        order = {"cosine": 3, "magnitude": 3, "attention": 2, "effect": 2}
+        scores = [Col(n, [fmt(getattr(r, n) or 0.0) for r in rows], numeric=True, drop=4 if n == by else order[n])
+                  for n in ("attention", "magnitude", "effect", "cosine")]
         head = [Col("rank", [str(r.rank) for r in rows], numeric=True), Col("score", [fmt(r.score) for r in rows], numeric=True),
                 Col("example", [str(r.example) for r in rows], numeric=True)]
         if self.run.is_text:  # where the pattern sits in the training text, not a class
@@ -70,7 +70,7 @@ class RankingTable(DataTable):
         width = (self.size.width or self.app.size.width) - 2
         self._fitted_width = self.size.width
         kept, left = fit(self.columns_for(rows, group, by), width)
-        self.left_out = [c.header for c in left]
+        self.left_out = [f"{c.header} (= score)" if c.header == by else c.header for c in left]
         # Explicit widths: a frame drawn before the table's own resize would otherwise clip
         # cells to the header's width ("digits 5-9" as "digi").
         for c in kept:
