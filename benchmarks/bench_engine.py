@@ -14,6 +14,8 @@
 5. Validation: the per-block checks of streamed ids and floats (engine/stream.py, issue 12)
    on vs off, same bundle, interleaved: rank by attention (keys only) and by effect with
    example grouping, masses and summary (keys, values, steps, example ids).
+6. Scores: one query ranked by attention (keys only), by cosine (keys and their norms) and by
+   effect (keys and values, the default), interleaved on the same bundle.
 """
 
 from __future__ import annotations
@@ -180,6 +182,27 @@ def block_checks(tmp: Path, sizes: list[int], width: int) -> list[dict]:
     return rows
 
 
+def score_costs(tmp: Path, n: int, width: int) -> list[dict]:
+    path = write_synthetic(tmp / f"scores-{n}.safetensors", n, in_features=width)
+    b = Bundle.open(path)
+    runs = {by: (lambda by=by: spotlights(b, "fc", [0], top=10, by=[by], groups=["pattern"], reverse=[False],
+                                          summary=False, masses=False, device="cpu")) for by in ("attention", "cosine", "effect")}
+    for run in runs.values():
+        run()  # page cache warm
+    times: dict[str, list[float]] = {by: [] for by in runs}
+    for _ in range(5):
+        for by, run in runs.items():
+            times[by].append(_median_time(run, reps=1))
+    base = statistics.median(times["attention"])
+    rows = []
+    for by, ts in times.items():
+        t = statistics.median(ts)
+        rows.append({"patterns": n, "by": by, "seconds": t, "vs_attention": t / base})
+        print(f"  scores {n:>10,} patterns, by {by:9s}: {t * 1e3:8.1f} ms | {t / base:.2f}x attention", flush=True)
+    path.unlink()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e5,1e6,1e7")
@@ -187,7 +210,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tmp", type=Path, default=None, help="where to write synthetic bundles (needs ~6 GB for 1e7)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: roofline,memory,dtype,batching,checks")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: roofline,memory,dtype,batching,checks,scores")
     ap.add_argument("--check-sizes", default="1e6,4e6", help="bundle sizes (patterns) for the validation part")
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
@@ -216,6 +239,10 @@ def main() -> None:
         print("## validation: per-block id and float checks on vs off", flush=True)
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
             results["block_checks"] = block_checks(Path(d), [int(float(x)) for x in args.check_sizes.split(",")], args.width)
+    if "scores" not in skip:
+        print("## scores: one query by attention, cosine and effect", flush=True)
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            results["scores"] = score_costs(Path(d), int(float(args.check_sizes.split(",")[0])), args.width)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
