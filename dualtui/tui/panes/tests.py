@@ -36,10 +36,10 @@ class TestsPane(Horizontal):
         with Vertical(id="tests-left"):
             with Horizontal(id="tests-filters"):
                 if len(self.run.tasks) > 1:
-                    yield Select([(name, i) for i, name in enumerate(self.run.tasks)], prompt="all tasks", id="filter-task")
-                yield Select([("correct", True), ("wrong", False)], prompt="all items", id="filter-correct")
-                yield Select(classes, prompt="any label", id="filter-label")
-                yield Select(classes, prompt="any prediction", id="filter-prediction")
+                    yield Select([(name, i) for i, name in enumerate(self.run.tasks)], prompt="tasks", id="filter-task")
+                yield Select([("correct", True), ("wrong", False)], prompt="✓ ✗", id="filter-correct")
+                yield Select(classes, prompt="label", id="filter-label")
+                yield Select(classes, prompt="pred.", id="filter-prediction")
             with Horizontal(id="tests-filters-2"):
                 yield Select([(OpenRun.SORTS[s], s) for s in self.run.sorts()], value="index", allow_blank=False, id="sort")
                 yield Input(placeholder="jump to #", id="jump", type="integer")
