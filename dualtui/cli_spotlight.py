@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from .cli import UsageError, _emit_json, _open, _stdout, app, handles_errors
-from .tables import Col, left_out_note, rich_table
+from .tables import Col, left_out_note, rich_table, score_columns
 from .units import num
 
 
@@ -106,10 +106,7 @@ def _fmt(x: float) -> str:
 
 
 def _score_cols(by: str, rows: list[dict], names: tuple[str, ...]) -> list[Col]:
-    """The raw score columns: the one equal to the chosen score ("score") is left out first
-    at a narrow width, then magnitude, then the others."""
-    order = {"cosine": 3, "magnitude": 3, "attention": 2, "effect": 2}
-    return [Col(n, [_fmt(r[n]) for r in rows], numeric=True, drop=4 if n == by else order[n]) for n in names]
+    return score_columns(by, {n: [_fmt(r[n]) for r in rows] for n in names})
 
 
 def _print_table(out: Any, cols: list[Col], **kw: Any) -> None:

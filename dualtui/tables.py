@@ -24,6 +24,16 @@ class Col:
         return max([cell_len(self.header)] + [cell_len(str(c)) for c in self.cells])
 
 
+# Raw score columns at a narrow width: the one equal to the chosen score (the "score" column
+# shows it) is left out first, then magnitude and cosine, then attention and effect.
+_SCORE_DROP = {"cosine": 3, "magnitude": 3, "attention": 2, "effect": 2}
+
+
+def score_columns(by: str, values: dict[str, list[str]]) -> list[Col]:
+    """Columns for the raw scores (`values`: score -> its formatted cells), with their drop order."""
+    return [Col(n, cells, numeric=True, drop=4 if n == by else _SCORE_DROP[n]) for n, cells in values.items()]
+
+
 def fit(columns: list[Col], width: int | None) -> tuple[list[Col], list[Col]]:
     """The columns that fit in `width` (None: all), and those left out, by their `drop` order."""
     kept = list(columns)

@@ -48,6 +48,7 @@ def example_patterns(bundle: Bundle, layer: str, example: int) -> dict[str, np.n
         bundle.check_ids(layer, f"layer {layer!r} patterns {start}..{stop - 1}", ex, step)
         sel = np.nonzero(ex == example)[0]
         bundle.release(names["example"][c], 0, stop - start)
+        bundle.release(names["step"][c], 0, stop - start)
         if not len(sel):
             continue
         found["index"].append(start + sel)

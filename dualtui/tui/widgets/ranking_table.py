@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable
 
 from ...engine.spotlight import Ranked
-from ...tables import Col, fit
+from ...tables import Col, fit, score_columns
 from ...units import num
 from ..messages import RowSelected
 from ..model import OpenRun
@@ -44,9 +44,8 @@ class RankingTable(DataTable):
     def columns_for(self, rows: list[Ranked], group: str, by: str) -> list[Col]:
         middle = Col("step", [str(r.step) for r in rows], numeric=True, drop=1) if group == "pattern" else \
             Col("patterns", [str(r.patterns) for r in rows], numeric=True, drop=1)
-        order = {"cosine": 3, "magnitude": 3, "attention": 2, "effect": 2}
-        scores = [Col(n, [fmt(getattr(r, n) or 0.0) for r in rows], numeric=True, drop=4 if n == by else order[n])
-                  for n in ("attention", "magnitude", "effect", "cosine")]
+        scores = score_columns(by, {n: [fmt(getattr(r, n) or 0.0) for r in rows]
+                                    for n in ("attention", "magnitude", "effect", "cosine")})
         head = [Col("rank", [str(r.rank) for r in rows], numeric=True), Col("score", [fmt(r.score) for r in rows], numeric=True),
                 Col("example", [str(r.example) for r in rows], numeric=True)]
         if self.run.is_text:  # where the pattern sits in the training text, not a class
