@@ -182,23 +182,46 @@ def block_checks(tmp: Path, sizes: list[int], width: int) -> list[dict]:
     return rows
 
 
+def _side_by_side(runs: dict) -> dict:
+    """Median seconds of each run over 5 interleaved rounds (after one warm-up each), so that
+    load on a shared machine falls on every variant alike."""
+    for run in runs.values():
+        run()  # page cache warm
+    times: dict = {key: [] for key in runs}
+    for _ in range(5):
+        for key, run in runs.items():
+            times[key].append(_median_time(run, reps=1))
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
 def score_costs(tmp: Path, n: int, width: int) -> list[dict]:
     path = write_synthetic(tmp / f"scores-{n}.safetensors", n, in_features=width)
     b = Bundle.open(path)
     runs = {by: (lambda by=by: spotlights(b, "fc", [0], top=10, by=[by], groups=["pattern"], reverse=[False],
                                           summary=False, masses=False, device="cpu")) for by in ("attention", "cosine", "effect")}
-    for run in runs.values():
-        run()  # page cache warm
-    times: dict[str, list[float]] = {by: [] for by in runs}
-    for _ in range(5):
-        for by, run in runs.items():
-            times[by].append(_median_time(run, reps=1))
-    base = statistics.median(times["attention"])
+    medians = _side_by_side(runs)
+    base = medians["attention"]
     rows = []
-    for by, ts in times.items():
-        t = statistics.median(ts)
+    for by, t in medians.items():
         rows.append({"patterns": n, "by": by, "seconds": t, "vs_attention": t / base})
         print(f"  scores {n:>10,} patterns, by {by:9s}: {t * 1e3:8.1f} ms | {t / base:.2f}x attention", flush=True)
+    path.unlink()
+    return rows
+
+
+def curve_costs(tmp: Path, n: int, width: int) -> list[dict]:
+    """The app's pass (every score, per pattern and per example, summary, masses) with and
+    without the sorted score curves (each pattern's 4 scores kept, then sorted)."""
+    path = write_synthetic(tmp / f"curves-{n}.safetensors", n, in_features=width)
+    b = Bundle.open(path)
+    runs = {c: (lambda c=c: spotlights(b, "fc", [0], top=100, groups=["pattern", "example"], summary=True, masses=True,
+                                       dense_examples=True, device="cpu", curve=c)) for c in (0, 200)}
+    medians = _side_by_side(runs)
+    base = medians[0]
+    rows = []
+    for c, t in medians.items():
+        rows.append({"patterns": n, "curve_points": c, "seconds": t, "vs_no_curve": t / base})
+        print(f"  app pass {n:>10,} patterns, curve={c:3d}: {t * 1e3:8.1f} ms | {t / base:.2f}x without", flush=True)
     path.unlink()
     return rows
 
@@ -210,7 +233,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tmp", type=Path, default=None, help="where to write synthetic bundles (needs ~6 GB for 1e7)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: roofline,memory,dtype,batching,checks,scores")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: roofline,memory,dtype,batching,checks,scores,curves")
     ap.add_argument("--check-sizes", default="1e6,4e6", help="bundle sizes (patterns) for the validation part")
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
@@ -243,6 +266,10 @@ def main() -> None:
         print("## scores: one query by attention, cosine and effect", flush=True)
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
             results["scores"] = score_costs(Path(d), int(float(args.check_sizes.split(",")[0])), args.width)
+    if "curves" not in skip:
+        print("## curves: the app's pass with and without the sorted score curves", flush=True)
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            results["curves"] = curve_costs(Path(d), int(float(args.check_sizes.split(",")[0])), args.width)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -7,8 +7,6 @@ Heavy modules (torch, the engine, the recorder) are imported inside commands so 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -19,121 +17,11 @@ import typer
 from .exit_codes import ExitCode
 
 
-def _flags_as_flags() -> None:
-    """Typer 0.29's help shows a type for every option, flags too (`--json <bool>`); a flag
-    takes no value, so it gets none. Guarded: a Typer without this hook is left alone."""
-    option = getattr(getattr(typer, "core", None), "TyperOption", None)
-    show = getattr(option, "display_type_rich", None)
-    if option is None or show is None:
-        return
-
-    def display_type_rich(self: Any, ctx: Any) -> Any:
-        return None if getattr(self, "is_flag", False) else show(self, ctx)
-
-    option.display_type_rich = display_type_rich
-
-
-_flags_as_flags()
-
-app = typer.Typer(
-    name="dualtui",
-    help="Spotlights of attention: which training patterns a trained network uses for a prediction.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-record_app = typer.Typer(help="Train a built-in experiment and record its exact dual form.", no_args_is_help=True)
-app.add_typer(record_app, name="record")
-
-
-class UsageError(Exception):
-    """Bad arguments that the type system could not catch (exit code 2)."""
-
-
-def _stderr() -> Any:
-    return SafeConsole(stderr=True, highlight=False)
-
-
-def _stdout() -> Any:
-    # Piped output is data: never squeeze a table to a guessed 80 columns.
-    return SafeConsole(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
-
-
-def fail(code: ExitCode, message: str) -> None:
-    """Print one line to stderr and exit with `code`."""
-    print(f"dualtui: error: {literal(message)}", file=sys.stderr)
-    raise typer.Exit(int(code))
-
-
-def handles_errors(fn: Callable) -> Callable:
-    """Map every expected failure to one stderr line and a documented exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .bundle.errors import BundleError
-        from .bundle.writer import OutputError
-        from .record.errors import RecorderError
-
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except BundleError as e:
-            fail(ExitCode.INVALID_BUNDLE, str(e))
-        except OutputError as e:
-            fail(ExitCode.OUTPUT, str(e))
-        except RecorderError as e:  # a recording that cannot stay exact stops with its reason
-            fail(ExitCode.CHECK_FAILED, str(e))
-        except UsageError as e:
-            fail(ExitCode.USAGE, str(e))
-        except KeyboardInterrupt as e:
-            signum = getattr(e, "signum", None)
-            print(f"dualtui: interrupted{f' ({e})' if signum else ''}", file=sys.stderr)
-            raise typer.Exit(128 + signum if signum else int(ExitCode.INTERRUPTED))
-        except MemoryError:
-            fail(ExitCode.CHECK_FAILED, "out of memory")
-        except OSError as e:
-            fail(ExitCode.INVALID_BUNDLE, f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "))
-
-    return wrapper
-
-
-def _open(path: Path) -> Any:
-    """Open and check a bundle before any command uses it: structure, and the contents of
-    every tensor but the per-pattern ones, which the engine checks as it streams them."""
-    from .bundle import Bundle
-
-    b = Bundle.open(path)
-    b.validate_small()
-    return b
-
-
-def _emit_json(obj: Any) -> None:
-    """Strict JSON (RFC 8259): a NaN or infinity that reached here is written as null, never as
-    the bare NaN that jq and other strict parsers reject."""
-    try:
-        text = json.dumps(obj, indent=2, allow_nan=False)
-    except ValueError:
-        text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
-    sys.stdout.write(text + "\n")
-
-
-def _finite_or_null(obj: Any) -> Any:
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return obj
-
-
-from .terminal import SafeConsole, literal  # noqa: E402
-from .units import DTYPE_NAMES as _DTYPE_NAMES  # noqa: E402
-from .units import human_bytes as _human_bytes  # noqa: E402
+from .cli_common import (UsageError, _emit_json, _finite_or_null, _open, _stderr, _stdout, app, fail,  # noqa: F401
+                         handles_errors, record_app)
+from .terminal import SafeConsole, literal  # noqa: F401
+from .units import DTYPE_NAMES as _DTYPE_NAMES
+from .units import human_bytes as _human_bytes
 
 
 # ----------------------------------------------------------------------------- info
@@ -570,8 +458,10 @@ def open_cmd(
     test: int = typer.Option(0, "--test", "-t", help="Test item to start on."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer to start on (default: the last)."),
     queries: Optional[str] = typer.Option(None, "--queries", "-q", help="Query set to start on (default: test)."),
+    compare: Optional[int] = typer.Option(None, "--compare", "-c", help="A second item for the Compare tab (7); "
+                                                                         "in the app, c pins one."),
     export_dir: Optional[Path] = typer.Option(None, "--export-dir", envvar="DUALTUI_EXPORT_DIR",
-                                              help="Folder for the app's exports (x: CSV, j: JSON, s: SVG); default: "
+                                              help="Folder for the app's exports (x: CSV, X: JSON, s: SVG); default: "
                                                    "the current folder. Existing files are never overwritten."),
 ) -> None:
     """Browse a run in the terminal: test items, ranked training patterns, layers, tasks and time.
@@ -591,10 +481,11 @@ def open_cmd(
     b = _open(bundle)  # an invalid bundle is a one-line error (exit 3) before any screen appears
     qname = _queries(b, queries)
     layer, test = _layer(b, layer), _test(b, test, qname)  # the same checks and messages as `rank`
+    other = _test(b, compare, qname) if compare is not None else None
     from .tui.app import DualtuiApp
     from .tui.model import OpenRun
 
-    tui = DualtuiApp(OpenRun(b, qname), test=test, layer=layer, export_dir=folder)
+    tui = DualtuiApp(OpenRun(b, qname), test=test, layer=layer, export_dir=folder, other=other)
     tui.run()
     if tui.return_code:  # Textual has shown what went wrong; the shell must not see success
         raise typer.Exit(int(ExitCode.CHECK_FAILED) if tui.return_code == 1 else tui.return_code)
@@ -602,6 +493,7 @@ def open_cmd(
 
 # The scripted spotlight commands register themselves on `app`.
 from . import cli_spotlight  # noqa: E402,F401
+from . import cli_compare  # noqa: E402,F401
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli import UsageError, _emit_json, _open, _stdout, app, handles_errors
+from .cli_common import UsageError, _emit_json, _open, _stdout, app, handles_errors
 from .tables import Col, left_out_note, rich_table, score_columns
 from .units import num
 

@@ -21,6 +21,7 @@ import torch
 from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
 from .queryrows import ItemQueries, exact_scores, focus_outputs, item_rows, refocus
+from .curve import MAX_CURVE_ENTRIES, Curve, sorted_curve
 from .stream import block_rows, ProductGuard, compute_dtype, gather_rows, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens, next_tokens, position_span
 from .tied import partner_learned
@@ -107,6 +108,9 @@ class Spotlight:
     # and how many patterns each example has at this layer.
     example_scores: dict[str, np.ndarray] | None = None
     example_patterns: np.ndarray | None = None
+    # With curve=n: the sorted score curve per (by, group) over everything that group ranks
+    # (engine/curve.py); a pattern curve is absent when its scores would not fit in memory.
+    curves: dict[tuple[str, str], Curve] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +190,7 @@ def spotlights(
     cancel: Callable[[], bool] | None = None,
     queries: str | None = None,
     focus: int | str | None = None,
+    curve: int = 0,
 ) -> list[Spotlight]:
     """Score every pattern of `layer` for each item `tests` of the query set `queries`
     (default "test"), in one pass per batch of items. Returns one Spotlight per item, with the
@@ -193,7 +198,8 @@ def spotlights(
     as arrays). `focus`: rank attention at another position of each item (or "mean" over its
     rows) instead of the stored focus row. `cancel` is polled between blocks; when it returns
     True the pass stops with `Cancelled` (the TUI uses it to drop a computation the user has
-    moved on from)."""
+    moved on from). `curve=n`: also each ranking's sorted score curve, sampled at about 2n
+    ranks (Spotlight.curves)."""
     tests = check_tests(bundle, tests, queries)
     qs = query_set(bundle, queries)
     if groups is None:  # every grouping the layer supports ("position" needs positions: text runs)
@@ -217,14 +223,16 @@ def spotlights(
     per_batch = max(1, min(per_batch, int(QUERY_BATCH / max(qs.rows_per_item(layer), 1.0))))
     for lo in range(0, len(tests), per_batch):
         out.extend(_spotlight_batch(bundle, layer, qs, tests[lo : lo + per_batch], top, tuple(by), tuple(groups),
-                                    tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples, cancel, focus))
+                                    tuple(reverse), summary, masses, step_bins, dev, rows, dense_examples, cancel, focus,
+                                    curve))
     return out
 
 
 def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int, by: tuple[str, ...],
                      groups: tuple[str, ...], reverse: tuple[bool, ...], want_summary: bool, want_masses: bool,
                      step_bins: int, dev: torch.device, rows: int | None, dense_examples: bool = False,
-                     cancel: Callable[[], bool] | None = None, focus: int | str | None = None) -> list[Spotlight]:
+                     cancel: Callable[[], bool] | None = None, focus: int | str | None = None,
+                     curve: int = 0) -> list[Spotlight]:
     spec = bundle.layer_spec(layer)
     M = len(tests)
     qrows = refocus(qs.rows(layer, np.asarray(tests)), focus, layer)
@@ -261,6 +269,10 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
     sq_sum = torch.zeros(M, dtype=f64, device=dev)
     learned = torch.zeros(M, spec.out_features, dtype=f64, device=dev)
 
+    # Every pattern's score of each item, kept for the sorted curve (float32 unless computed in
+    # float64: the curve shows 4 significant digits).
+    keep = curve > 0 and "pattern" in groups and spec.patterns * M * len(by) <= MAX_CURVE_ENTRIES
+    kept = {b: torch.empty(spec.patterns, M, dtype=compute_dtype(bundle, layer), device=dev) for b in by} if keep else {}
     guard = ProductGuard(bundle, layer, dev)
     for block in stream_blocks(bundle, layer, fields, dev, rows or block_rows(bundle, layer, max(M, len(qrows)))):
         if cancel is not None and cancel():
@@ -278,6 +290,8 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
         if want_cosine:
             scores["cosine"] = iq.cosine(alpha, k, bt)
         guard.add(scores.values())  # NaN/Inf in keys or values shows here
+        for b, buf in kept.items():
+            buf[block.start : block.start + k.shape[0]] = scores[b]
         for (b, r), acc in pattern_topk.items():
             acc.update(-scores[b] if r else scores[b], block.start)
         a64 = alpha.double()
@@ -323,12 +337,17 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
             )
     if pattern_topk:
         _fill_pattern_ranks(bundle, layer, results, pattern_topk, qrows)
+    for b, buf in kept.items():
+        for j, res in enumerate(results):
+            res.curves[(b, "pattern")] = sorted_curve(buf[:, j], curve)
     if by_example:
         sums = {s: t.cpu().numpy() for s, t in ex_sums.items()}
         count = ex_count.cpu().numpy()
         sums["cosine"] = sums["cosine"] / np.maximum(count, 1.0)[:, None]  # a mean, not a sum: 1 for copies
         if "example" in groups:
             _fill_slot_ranks(bundle, results, "example", sums, count, 1, by, reverse, top)
+            if curve:
+                _fill_slot_curves(results, "example", sums, count, by, curve)
         if dense_examples:
             for j, res in enumerate(results):
                 res.example_scores = {s: sums[s][:, j].copy() for s in SCORES}
@@ -338,7 +357,17 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
         pcount = pos_count.cpu().numpy()
         sums["cosine"] = sums["cosine"] / np.maximum(pcount, 1.0)[:, None]
         _fill_slot_ranks(bundle, results, "position", sums, pcount, span, by, reverse, top)
+        if curve:
+            _fill_slot_curves(results, "position", sums, pcount, by, curve)
     return results
+
+
+def _fill_slot_curves(results: list[Spotlight], group: str, sums: dict[str, np.ndarray], count: np.ndarray,
+                      by: tuple[str, ...], points: int) -> None:
+    seen = np.nonzero(count > 0)[0]  # the slots the ranking ranks (never-trained ones have no score)
+    for j, res in enumerate(results):
+        for b in by:
+            res.curves[(b, group)] = sorted_curve(sums[b][seen, j], points)
 
 
 def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], qrows: QueryRows, learned: np.ndarray,

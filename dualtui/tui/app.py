@@ -18,16 +18,19 @@ from ..literal import literal
 from .commands import DualtuiCommands
 from .export import safe_name, write_new
 from .help import HelpScreen
-from .messages import TestChosen
+from .messages import ExampleChosen, TestChosen
 from .model import OpenRun
+from .panes.compare import ComparePane
+from .panes.curve import CurvePane
 from .panes.layers import LayersPane
 from .panes.overview import OverviewPane
 from .panes.spotlight import SpotlightPane
 from .panes.tasks import TasksPane
 from .panes.tests import TestsPane
+from .state import ViewState
 
 BY_ORDER = ("effect", "cosine", "attention", "magnitude")  # what `b` cycles through, from the default
-VIEWS = ("overview", "tests", "spotlight", "layers", "tasks")
+VIEWS = ("overview", "tests", "spotlight", "layers", "tasks", "curve", "compare")
 # Test items whose spotlights stay cached, so going back is instant.
 CACHE_TESTS = 16
 
@@ -44,6 +47,10 @@ class DualtuiApp(App[None]):
         Binding("3", "view('spotlight')", "Spotlight", show=False, id="view.spotlight"),
         Binding("4", "view('layers')", "Layers", show=False, id="view.layers"),
         Binding("5", "view('tasks')", "Tasks", show=False, id="view.tasks"),
+        Binding("6", "view('curve')", "Curve", show=False, id="view.curve"),
+        Binding("7", "view('compare')", "Compare", show=False, id="view.compare"),
+        Binding("l", "toggle_log", "Log ranks", show=False, id="curve.log"),
+        Binding("c", "pin_other", "Compare", show=False, id="compare.pin"),
         Binding("number_sign", "jump", "Jump", show=False, id="tests.jump"),
         Binding("b", "cycle_by", "Score", id="spot.by"),
         Binding("g", "toggle_group", "Group", id="spot.group"),
@@ -60,7 +67,7 @@ class DualtuiApp(App[None]):
     ]
 
     def __init__(self, run: OpenRun, *, test: int = 0, layer: str | None = None, view: str = "spotlight",
-                 export_dir: Path | None = None):
+                 export_dir: Path | None = None, other: int | None = None):
         super().__init__()
         self.open_run = run  # not `self.run`: that would shadow App.run()
         self.test = test
@@ -70,6 +77,9 @@ class DualtuiApp(App[None]):
         self.by = BY_ORDER[0]
         self.group = "pattern"
         self.reverse = False
+        self.log_rank = True  # the score curve: a few patterns carry most of it, so ranks read best on a log axis
+        self.other = other  # the Compare tab's second item (c pins it)
+        self._other_pending: tuple[str, int, str] | None = None
         self.start_view = view
         self.export_dir = export_dir or Path.cwd()
         self.exported: list[Path] = []  # every file this session wrote, in order
@@ -85,18 +95,23 @@ class DualtuiApp(App[None]):
             with TabPane("1 Overview", id="overview"):
                 yield OverviewPane(self.open_run, id="overview-pane")
             with TabPane("2 Tests", id="tests"):
-                yield TestsPane(self.open_run, id="tests-pane")
+                yield TestsPane(self.open_run, spotlit=self.test, id="tests-pane")
             with TabPane("3 Spotlight", id="spotlight"):
                 yield SpotlightPane(self.open_run, id="spotlight-pane")
             with TabPane("4 Layers", id="layers"):
                 yield LayersPane(self.open_run, id="layers-pane")
             with TabPane("5 Tasks & time", id="tasks"):
                 yield TasksPane(self.open_run, id="tasks-pane")
+            with TabPane("6 Curve", id="curve"):
+                yield CurvePane(self.open_run, id="curve-pane")
+            with TabPane("7 Compare", id="compare"):
+                yield ComparePane(self.open_run, id="compare-pane")
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = str(self.open_run.bundle.path)
         self.compute()
+        self.compute_other()
         if self.start_view == "overview":
             self.query_one(OverviewPane).start_verify()
 
@@ -113,10 +128,25 @@ class DualtuiApp(App[None]):
             self.compute()
         else:
             self.refresh_views()
+        if "layer" in changes or "other" in changes:
+            self.compute_other()
+
+    @property
+    def state(self) -> ViewState:
+        other = self._cache.get((self.open_run.queries_name, self.other), {}) if self.other is not None else {}
+        return ViewState(self.test, self.layer, self.by, self.group, self.reverse, self.results, other=self.other,
+                         other_results=dict(other), log_rank=self.log_rank)
 
     def refresh_views(self) -> None:
-        for pane in (SpotlightPane, LayersPane, TasksPane):
-            self.query_one(pane).update_view(self)
+        state = self.state
+        if self.other is not None and self.layer not in state.other_results:
+            self.compute_other()  # (its spotlight may have left the cache)
+        for pane in (SpotlightPane, LayersPane, TasksPane, CurvePane, ComparePane):
+            self.query_one(pane).update_view(state)
+        table = self.query_one("#spot-table")
+        if self.focus_ranking_pending and not table.loading:  # its rows have arrived: arrows work now
+            self.focus_ranking_pending = False
+            table.focus()
 
     def compute(self) -> None:
         """Spotlights for the current test item: the current layer first, then the others."""
@@ -128,6 +158,41 @@ class DualtuiApp(App[None]):
         missing = [L for L in missing if L not in self.results]
         if missing:
             self._compute_worker(self.test, missing, self._generation, self.open_run.queries_name)
+
+    def compute_other(self) -> None:
+        """The Compare tab's second item at the current layer (from the cache when it is there)."""
+        want = (self.open_run.queries_name, self.other, self.layer)
+        if self.other is None or self.layer in self._cache.get(want[:2], {}) or self._other_pending == want:
+            return
+        self._other_pending = want  # (a second call while it runs would cancel and restart it)
+        self._other_worker(self.other, self.layer, self.open_run.queries_name)
+
+    @work(thread=True, exclusive=True, group="compare", exit_on_error=False)
+    def _other_worker(self, test: int, layer: str, queries: str) -> None:
+        try:
+            spot = self.open_run.compute(test, layer, cancel=lambda: get_current_worker().is_cancelled)
+        except Cancelled:
+            return
+        except Exception as e:  # shown, never a crash
+            self.call_from_thread(self.notify, f"spotlight of item {test} at {layer} failed: {e}", severity="error", timeout=10)
+            return
+        self.call_from_thread(self._other_ready, test, layer, spot, queries)
+
+    def _other_ready(self, test: int, layer: str, spot: Spotlight, queries: str) -> None:
+        self._other_pending = None
+        self._cache.setdefault((queries, test), {})[layer] = spot
+        if queries == self.open_run.queries_name:
+            self.refresh_views()
+
+    def action_pin_other(self) -> None:
+        """c: the second item of the Compare tab (the highlighted row on the Tests tab, else the
+        item being spotlit)."""
+        m = self.test
+        if self.query_one("#views", TabbedContent).active == "tests":
+            row = self.query_one(TestsPane).highlighted()
+            m = row if row is not None else m
+        self.set_state(other=m)
+        self.notify(f"item {m} pinned for the Compare tab (7); pick another item to compare it with")
 
     @work(thread=True, exclusive=True, group="spotlight", exit_on_error=False)
     def _compute_worker(self, test: int, layers: list[str], generation: int, queries: str) -> None:
@@ -173,7 +238,7 @@ class DualtuiApp(App[None]):
 
     # Each tab's main widget: the one the arrows, PgUp/PgDn and Home/End should move.
     MAIN_WIDGET = {"overview": "#overview-pane", "tests": "#tests-table", "spotlight": "#spot-table",
-                   "layers": "#layers-pane", "tasks": "#tasks-pane"}
+                   "layers": "#layers-pane", "tasks": "#tasks-pane", "curve": "#curve-pane", "compare": "#compare-pane"}
 
     def focus_main(self, view: str | None) -> None:
         target = self.query_one(self.MAIN_WIDGET.get(view or "", "#spot-table"))
@@ -188,6 +253,9 @@ class DualtuiApp(App[None]):
     def action_toggle_group(self) -> None:
         groups = self.open_run.groups  # per pattern → per example (→ per training token, text runs)
         self.set_state(group=groups[(groups.index(self.group) + 1) % len(groups)])
+
+    def action_toggle_log(self) -> None:
+        self.set_state(log_rank=not self.log_rank)
 
     def action_toggle_reverse(self) -> None:
         self.set_state(reverse=not self.reverse)
@@ -208,11 +276,17 @@ class DualtuiApp(App[None]):
         self.focus_ranking_pending = True
         self.call_after_refresh(self.refresh_views)
 
+    def on_example_chosen(self, message: ExampleChosen) -> None:
+        from .influence_screen import InfluenceScreen
+
+        self.push_screen(InfluenceScreen(self.open_run, message.example, self.layer, self.by))
+
     def action_queries(self, name: str) -> None:
         """Browse another query set: its items become the Tests tab's list, from item 0."""
         if name == self.open_run.queries_name:
             return
         self.open_run.use_queries(name)
+        self.other = None  # an index of the other query set
         self.test = -1  # force a recompute below
         self.query_one(TestsPane).fill()
         self.set_state(test=0)

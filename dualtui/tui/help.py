@@ -10,7 +10,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 KEYS = [
-    ("Views", [("1 … 5", "overview · tests · spotlight · layers · tasks & time"), ("tab / shift+tab", "move focus")]),
+    ("Views", [("1 … 7", "overview · tests · spotlight · layers · tasks & time · curve · compare"),
+               ("tab / shift+tab", "move focus")]),
     ("Spotlight", [("b", "score: effect → cosine → attention → magnitude"), ("g", "group per pattern / per training example / per training token (text runs)"),
                    ("r", "highest first / lowest (most negative) first"), ("[  ]", "previous / next layer"),
                    ("n  p", "next / previous test item"),
@@ -18,6 +19,10 @@ KEYS = [
                    ("↑ ↓ j k pgup pgdn", "move in the ranking (it has the keyboard when the tab opens); when the ranking "
                                          "changes, the selection stays on the same pattern if it is still listed, else goes to #1")]),
     ("Tests", [("enter", "spotlight the highlighted test item"), ("#", "jump box: type an index, enter; escape leaves it")]),
+    ("Curve", [("l", "rank axis log / linear (the curve: the current ranking's score against its rank, over every "
+                     "pattern or example, highest first)")]),
+    ("Compare", [("c", "pin the item being spotlit (on the Tests tab: the highlighted one) as the second item B; then "
+                       "spotlight another item A: tab 7 shows both at the current layer and score")]),
     ("Export", [("x", "ranking as CSV (same columns as `dualtui rank --csv`)"),
                 ("X", "ranking as JSON (same as `dualtui rank --json --top 100`)"), ("s", "screen as SVG"),
                 ("", "into --export-dir (default: the current folder); an existing file is never overwritten")]),
@@ -37,6 +42,10 @@ SCORES_HELP = [
     ("effective", "(Σ|α|)² / Σα²: how many patterns the attention is spread over"),
     ("top-k share", "share of Σ|α| held by the k patterns with the largest |α|"),
     ("primal−dual", "max |W_T q − (w0 q + Σ α v)|: how exactly the dual form reproduces the layer (float rounding)"),
+    ("Σ|α|, Σ effect", "(tasks & time) the sums of |α| and of effect over the patterns of each bin of training steps"),
+    ("Jaccard", "(compare) |A ∩ B| / |A ∪ B| of the two items' top-10 training examples: 1 the same set, 0 disjoint"),
+    ("Spearman ρ", "(compare) the rank correlation of A's and B's per-example scores over every training example "
+                   "seen at the layer: 1 the same order, 0 unrelated, −1 reversed"),
 ]
 
 

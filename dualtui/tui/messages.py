@@ -21,3 +21,10 @@ class RowSelected(Message):
     """The highlighted row of the ranking changed."""
 
     row: Ranked | None
+
+
+@dataclass
+class ExampleChosen(Message):
+    """The user asked for a training example's reverse spotlight (Enter on a ranked row)."""
+
+    example: int

@@ -11,6 +11,7 @@ import numpy as np
 from rich.text import Text
 
 from ..bundle.reader import Bundle
+from ..engine.curve import DEFAULT_POINTS
 from ..engine.spotlight import GROUPS, SCORES, Ranked, Spotlight, item_pattern_scores, spotlights
 from ..engine.stream import gather_rows
 from ..engine.text import is_text, labels_are_tokens, position_span
@@ -201,7 +202,8 @@ class OpenRun:
     def compute(self, test: int, layer: str, cancel: Callable[[], bool] | None = None) -> Spotlight:
         """Everything the app shows for one test item at one layer: one engine pass."""
         return spotlights(self.bundle, layer, [test], top=TOP, by=SCORES, groups=self.groups, reverse=(False, True),
-                          summary=True, masses=True, dense_examples=True, cancel=cancel, queries=self.queries_name)[0]
+                          summary=True, masses=True, dense_examples=True, cancel=cancel, queries=self.queries_name,
+                          curve=DEFAULT_POINTS)[0]
 
     def across_layers(self, test: int, row: Ranked, group: str, results: dict[str, Spotlight]) -> list[LayerScore]:
         """The selected pattern's (or example's) scores at every computed layer."""

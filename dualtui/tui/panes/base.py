@@ -3,24 +3,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from rich.console import RenderableType
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from ..model import OpenRun
-
-if TYPE_CHECKING:
-    from ..app import DualtuiApp
+from ..state import ViewState
 
 
 class RenderedPane(VerticalScroll):
     def __init__(self, run: OpenRun, **kw):
         super().__init__(**kw)
         self.run = run
-        self._shown_for: "DualtuiApp | None" = None
+        self._shown_for: ViewState | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(classes="pane-body")
@@ -33,9 +29,9 @@ class RenderedPane(VerticalScroll):
     def bar_width(self) -> int:
         return max(40, (self.size.width or 80) - 4)
 
-    def update_view(self, app: "DualtuiApp") -> None:
-        self._shown_for = app
-        self.query_one(".pane-body", Static).update(self.build(app))
+    def update_view(self, state: ViewState) -> None:
+        self._shown_for = state
+        self.query_one(".pane-body", Static).update(self.build(state))
 
-    def build(self, app: "DualtuiApp") -> RenderableType:
+    def build(self, state: ViewState) -> RenderableType:
         raise NotImplementedError

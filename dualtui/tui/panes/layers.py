@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from rich.console import Group, RenderableType
 from rich.text import Text
 
 from ...units import num
+from ..state import ViewState
 from .base import RenderedPane
-
-if TYPE_CHECKING:
-    from ..app import DualtuiApp
 
 
 class LayersPane(RenderedPane):
-    def build(self, app: "DualtuiApp") -> RenderableType:
+    def build(self, state: ViewState) -> RenderableType:
         from ..render import bar_table
 
         width = self.bar_width
-        parts = [Text(f"test {app.test}: how much of each layer's output comes from the initial weights vs from learning",
+        parts = [Text(f"test {state.test}: how much of each layer's output comes from the initial weights vs from learning",
                       style="bold")]
         for L in self.run.layers:
-            spot = app.results.get(L)
+            spot = state.results.get(L)
             parts.append(Text(f"\n{L}", style="bold cyan"))
             if spot is None:
                 parts.append(Text("computing…", style="yellow"))

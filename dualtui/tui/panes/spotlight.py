@@ -3,8 +3,6 @@ pattern next to it with its scores at every layer."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -14,19 +12,18 @@ from textual.widgets import Static
 from ...engine.spotlight import Ranked
 from ...units import num
 from ..render import plain
-from ..messages import RowSelected
+from ..messages import ExampleChosen, RowSelected
 from ..model import OpenRun
+from ..state import ViewState
 from ..widgets.preview import Preview
 from ..widgets.ranking_table import RankingTable
-
-if TYPE_CHECKING:
-    from ..app import DualtuiApp
 
 
 class SpotlightPane(Horizontal):
     def __init__(self, run: OpenRun, **kw):
         super().__init__(**kw)
         self.run = run
+        self.state: ViewState | None = None
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="spot-side"):
@@ -37,8 +34,9 @@ class SpotlightPane(Horizontal):
             yield Static(id="spot-header")
             yield RankingTable(self.run, id="spot-table")
 
-    def update_view(self, app: "DualtuiApp") -> None:
-        m, L = app.test, app.layer
+    def update_view(self, state: ViewState) -> None:
+        self.state = state
+        m, L = state.test, state.layer
         it = self.run.test_item(m)
         cap = Text(f"test {m} · label {self.run.class_name(it.label)} · predicted {self.run.class_name(it.prediction)}",
                    style="bold" if it.correct else "bold red")
@@ -47,12 +45,12 @@ class SpotlightPane(Horizontal):
         header = Text()
         header.append(L, style="bold")
         header.append(f" ({self.run.layers.index(L) + 1}/{len(self.run.layers)}) · ")
-        header.append(app.by, style="bold cyan")
+        header.append(state.by, style="bold cyan")
         header.append(" · per ")
-        header.append(app.group, style="bold cyan")
+        header.append(state.group, style="bold cyan")
         header.append(" · ")
-        header.append("lowest first" if app.reverse else "highest first", style="bold cyan")
-        spot = app.results.get(L)
+        header.append("lowest first" if state.reverse else "highest first", style="bold cyan")
+        spot = state.results.get(L)
         table = self.query_one("#spot-table", RankingTable)
         if spot is None:
             header.append("   computing…", style="yellow")
@@ -62,18 +60,15 @@ class SpotlightPane(Horizontal):
             s = spot.summary
             header.append(f"\n{s.patterns:,} patterns · learned {s.learned_share:.0%} · "
                           f"effective {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.0e}", style="dim")
-            rows = spot.ranked[(app.by, app.group, app.reverse)]
+            rows = spot.ranked[(state.by, state.group, state.reverse)]
             # Another layer arriving refreshes every view; rebuilding an unchanged 100-row
             # table costs ~0.1 s of main-thread time (benchmarks/README.md, TUI).
-            if rows is not table.ranked_rows or app.group != table.group:
-                table.show(rows, app.group, app.by)
+            if rows is not table.ranked_rows or state.group != table.group:
+                table.show(rows, state.group, state.by)
             else:
                 self.show_selected(table.selected)  # the other layers' scores may have just arrived
             if table.left_out:
                 header.append(f" · not shown at this width: {', '.join(table.left_out)}", style="dim")
-            if app.focus_ranking_pending:
-                app.focus_ranking_pending = False
-                table.focus()
         self.query_one("#spot-header", Static).update(header)
 
     def on_row_selected(self, event: RowSelected) -> None:
@@ -86,26 +81,24 @@ class SpotlightPane(Horizontal):
         event.stop()
         row = self.query_one("#spot-table", RankingTable).selected
         if row is not None:
-            from ..influence_screen import InfluenceScreen
-
-            self.app.push_screen(InfluenceScreen(self.run, row.example, self.app.layer, self.app.by))
+            self.post_message(ExampleChosen(row.example))
 
     def show_selected(self, row: Ranked | None) -> None:
-        app = self.app
+        state = self.state
         train = self.query_one("#spot-train", Preview)
         across = self.query_one("#spot-across", Static)
         if row is None:
             train.clear("")
             across.update("")
             return
-        what = f"pattern {row.pattern} · step {row.step}" if app.group == "pattern" else f"{row.patterns} patterns"
+        what = f"pattern {row.pattern} · step {row.step}" if state.group == "pattern" else f"{row.patterns} patterns"
         where = f" · position {row.position}" if row.position is not None else ""
         label = "next" if self.run.is_text and row.position is not None else "label"
         cap = Text(f"#{row.rank} example {row.example}{where} · {label} {self.run.class_name(row.label)} · {what}", style="bold")
         data, marks = self.run.train_preview(row)
         train.show(data, cap, **marks)
-        scores = self.run.across_layers(app.test, row, app.group, app.results)
-        rows = [(sc.layer + ("" if sc.exact_pattern or app.group != "pattern" else " Σ"), num(sc.attention), num(sc.effect))
+        scores = self.run.across_layers(state.test, row, state.group, state.results)
+        rows = [(sc.layer + ("" if sc.exact_pattern or state.group != "pattern" else " Σ"), num(sc.attention), num(sc.effect))
                 for sc in scores]
         w_name = max([len("layer")] + [len(r[0]) for r in rows])
         w_att = max([len("attention")] + [len(r[1]) for r in rows])

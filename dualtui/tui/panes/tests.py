@@ -26,10 +26,11 @@ class VimTable(DataTable):
 
 
 class TestsPane(Horizontal):
-    def __init__(self, run: OpenRun, **kw):
+    def __init__(self, run: OpenRun, spotlit: int | None = None, **kw):
         super().__init__(**kw)
         self.run = run
         self.shown: list[int] = []
+        self.spotlit = spotlit  # the item the app spotlights (the cursor goes back to it)
 
     def compose(self) -> ComposeResult:
         classes = [(self.run.class_name(i), i) for i in range(len(self.run.classes))]
@@ -87,12 +88,11 @@ class TestsPane(Horizontal):
         what = "test items" if self.run.queries_name == "test" else f"items of {self.run.queries_name!r}"
         switch = " · Q: next query set" if len(self.run.query_set_names) > 1 else ""
         self.query_one("#tests-count", Static).update(f"{len(idx):,} {what}, {wrong:,} wrong{more} · Enter: spotlight{switch}")
+        if self.spotlit is not None:
+            self.highlight(self.spotlit)
 
     def on_select_changed(self, event: Select.Changed) -> None:
         self.fill()
-        test = getattr(self.app, "test", None)
-        if test is not None:
-            self.highlight(test)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id != "tests-table" or event.row_key is None or event.row_key.value is None:
@@ -123,8 +123,17 @@ class TestsPane(Horizontal):
             self.query_one("#jump", Input).value = ""
             self.query_one("#tests-table", DataTable).focus()
 
+    def highlighted(self) -> int | None:
+        """The item under the table's cursor (None: an empty list)."""
+        table = self.query_one("#tests-table", DataTable)
+        if not table.row_count:
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return int(key) if key is not None else None
+
     def highlight(self, m: int) -> None:
         """Put the table's cursor on item m when the list shows it (it is the item spotlit)."""
+        self.spotlit = m
         table = self.query_one("#tests-table", DataTable)
         try:
             row = table.get_row_index(str(m))
