@@ -183,3 +183,26 @@ def test_every_number_shown_is_the_json_value_rounded_never_cut(size, bundle):
                                 assert shown in screen, (name, shown)  # on screen in full, not cut at the edge
 
     asyncio.run(go())
+
+
+def test_header_names_the_left_out_columns_after_a_resize() -> None:
+    """Found by an independent check: after 80 → 120 columns the header still listed columns
+    that were now shown (and the reverse)."""
+
+    async def go() -> None:
+        app, _ = new_app(SINGLE)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot, app)
+            for size in ((120, 40), (80, 24), (160, 40)):
+                await pilot.resize_terminal(*size)
+                await pilot.pause()
+                await pilot.pause()
+                table = app.query_one("#spot-table", RankingTable)
+                shown = {str(c.label) for c in table.columns.values()}
+                head = str(app.query_one("#spot-header").render())
+                note = head.split("not shown at this width: ")[1] if "not shown at this width: " in head else ""
+                named = {n.strip() for n in note.split(",") if n.strip()}
+                assert not named & shown, (size, named, shown)  # nothing both named as left out and shown
+                assert named == {c for c in table.left_out if not c.endswith("(= score)")}, size
+
+    asyncio.run(go())

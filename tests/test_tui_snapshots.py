@@ -71,6 +71,9 @@ async def settle(pilot) -> None:
     for table in app.query(DataTable):
         getattr(table, "_clear_caches", lambda: None)()
         table.refresh()
+    # A toast ("item 0 pinned …") lives for a few seconds: whether it is still on screen would
+    # depend on the machine's speed.
+    app.clear_notifications()
     await pilot.pause()
 
 

@@ -42,6 +42,12 @@ def sorted_curve(scores: torch.Tensor | np.ndarray, points: int = DEFAULT_POINTS
     ranks = rank_points(int(t.numel()), points)
     if not len(ranks):
         return Curve(ranks, np.zeros(0), 0)
+    n = int(t.numel())
+    if t.device.type == "cpu":
+        # numpy's sort (vectorised) is ~12x torch.sort on CPU for 1M float32 (11 ms vs 134 ms,
+        # benchmarks/README.md, curves); ascending, so rank r is element n - r.
+        asc = np.sort(t.numpy())
+        return Curve(ranks, asc[n - ranks].astype(np.float64), n)
     desc = torch.sort(t, descending=True).values
     picked = desc[torch.from_numpy(ranks - 1).to(desc.device)]
-    return Curve(ranks, picked.double().cpu().numpy(), int(t.numel()))
+    return Curve(ranks, picked.double().cpu().numpy(), n)

@@ -192,7 +192,7 @@ class DualtuiApp(App[None]):
             row = self.query_one(TestsPane).highlighted()
             m = row if row is not None else m
         self.set_state(other=m)
-        self.notify(f"item {m} pinned for the Compare tab (7); pick another item to compare it with")
+        self.notify(f"item {m} pinned for the Compare tab (7); pick another item to compare it with", timeout=3)
 
     @work(thread=True, exclusive=True, group="spotlight", exit_on_error=False)
     def _compute_worker(self, test: int, layers: list[str], generation: int, queries: str) -> None:

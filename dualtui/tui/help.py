@@ -26,7 +26,7 @@ KEYS = [
     ("Export", [("x", "ranking as CSV (same columns as `dualtui rank --csv`)"),
                 ("X", "ranking as JSON (same as `dualtui rank --json --top 100`)"), ("s", "screen as SVG"),
                 ("", "into --export-dir (default: the current folder); an existing file is never overwritten")]),
-    ("App", [("ctrl+p", "command palette"), ("?", "this help"), ("q", "quit")]),
+    ("App", [("Q", "next query set (test, a training subset, …: `dualtui info` lists them)"), ("ctrl+p", "command palette"), ("?", "this help"), ("q", "quit")]),
 ]
 
 # What the numbers on screen mean (docs/format.md section 6): the same words as `rank --help`.

@@ -28,3 +28,9 @@ class ExampleChosen(Message):
     """The user asked for a training example's reverse spotlight (Enter on a ranked row)."""
 
     example: int
+
+
+@dataclass
+class ColumnsFitted(Message):
+    """The ranking re-fitted its columns (a new ranking, or a new width): the header names
+    the columns left out."""

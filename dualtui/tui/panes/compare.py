@@ -26,6 +26,9 @@ class ComparePane(RenderedPane):
             return Text("No second item yet. Press c to pin the item being spotlit (or, on the Tests tab, the "
                         "highlighted one) as the second item, then pick another item (n / p, or Enter on the Tests "
                         "tab): this tab then compares the two at the current layer.", style="italic")
+        if state.other == state.test:
+            return Text(f"Item {state.test} is pinned as B and is also the item being spotlit: pick another item "
+                        "(n / p, or Enter on the Tests tab) to compare it with.", style="italic")
         a, b = state.spot, state.other_results.get(state.layer)
         head = Text()
         for j, m in enumerate((state.test, state.other)):
@@ -59,7 +62,7 @@ class ComparePane(RenderedPane):
                     cells += ["", "", "", ""]
             tops.add_row(*cells)
         shares = Table(box=None, pad_edge=False)
-        shares.add_column("")
+        shares.add_column("(classes: largest A + B first)")
         shares.add_column("A", justify="right")
         shares.add_column("B", justify="right")
         if len(run.tasks) > 1:

@@ -37,6 +37,7 @@ class CurvePane(Vertical):
         spot = state.spot
         curve = spot.curves.get((state.by, state.group)) if spot is not None else None
         plot = self.query_one(ScoreCurve)
+        marked: list[int] = []
         if spot is None:
             head.append("   computing…", style="yellow")
         elif curve is None or not curve.total:
@@ -46,11 +47,11 @@ class CurvePane(Vertical):
         else:
             head.append(f" · {curve.total:,} ranked · {len(curve.ranks)} ranks plotted · "
                         f"{'log' if state.log_rank else 'linear'} rank axis (l)", style="dim")
-            plot.show(curve, state.by, state.log_rank)
+            marked = plot.show(curve, state.by, state.log_rank)
         plot.display = curve is not None and bool(curve.total)
         self.query_one("#curve-head", Static).update(head)
         self.query_one("#curve-legend", Static).update(Text(
             "each point: the score at rank r of the full sort, highest first (exact, not interpolated); "
-            "the ranking's lowest-first order reads the same curve from the right · yellow lines: ranks 10 and 100 · "
-            "grey: zero",
+            "the ranking's lowest-first order reads the same curve from the right · "
+            + (f"yellow lines: rank {' and '.join(map(str, marked))} · " if marked else "") + "grey: zero",
             style="italic dim"))

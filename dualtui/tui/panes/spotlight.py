@@ -12,7 +12,7 @@ from textual.widgets import Static
 from ...engine.spotlight import Ranked
 from ...units import num
 from ..render import plain
-from ..messages import ExampleChosen, RowSelected
+from ..messages import ColumnsFitted, ExampleChosen, RowSelected
 from ..model import OpenRun
 from ..state import ViewState
 from ..widgets.preview import Preview
@@ -67,9 +67,15 @@ class SpotlightPane(Horizontal):
                 table.show(rows, state.group, state.by)
             else:
                 self.show_selected(table.selected)  # the other layers' scores may have just arrived
-            if table.left_out:
-                header.append(f" · not shown at this width: {', '.join(table.left_out)}", style="dim")
+            # (the chosen score's own raw column is never needed: the score column shows it)
+            left_out = [c for c in table.left_out if not c.endswith("(= score)")]
+            if left_out:
+                header.append(f" · not shown at this width: {', '.join(left_out)}", style="dim")
         self.query_one("#spot-header", Static).update(header)
+
+    def on_columns_fitted(self, event: ColumnsFitted) -> None:
+        if self.state is not None:  # a resize re-fits the columns: the header's note must follow
+            self.update_view(self.state)
 
     def on_row_selected(self, event: RowSelected) -> None:
         self.show_selected(event.row)

@@ -28,12 +28,12 @@ class TasksPane(RenderedPane):
         plots = self.query_one(MassOverTime)
         plots.display = spot is not None and spot.masses is not None
         if plots.display:
-            steps = int(spot.masses.step_edges[-1])
+            last = int(spot.masses.step_edges[-1]) - 1  # the edges end one past the last step
             head.append(f"\n{state.layer}: ", style="bold cyan")
             head.append("Σ|α|", style="bold cyan")
             head.append(" and ", style="bold")
             head.append("Σ effect", style="bold magenta")
-            head.append(f" per step bin over training steps 0..{steps}", style="bold")
+            head.append(f" per step bin over training steps 0..{last}", style="bold")
             phases = self.run.task_boundaries()
             if phases:
                 head.append("\n" + " · ".join(f"{task} from step {start}" for start, task in phases), style="yellow")

@@ -14,7 +14,8 @@ class ScoreCurve(PlotWidget):
     def __init__(self, **kw):
         super().__init__(allow_pan_and_zoom=False, **kw)
 
-    def show(self, curve: Curve, score: str, log_rank: bool, marks: tuple[int, ...] = (10, 100)) -> None:
+    def show(self, curve: Curve, score: str, log_rank: bool, marks: tuple[int, ...] = (10, 100)) -> list[int]:
+        """Plot the curve; returns the ranks marked with a vertical line."""
         self.clear()
         self.set_y_formatter(ShortNumbers(most=max(2, (self.size.height - 5) // 2) if self.size.height else 5))
         ranks = curve.ranks.astype(np.float64)
@@ -23,10 +24,12 @@ class ScoreCurve(PlotWidget):
         # zero first (drawn under the curve): where support turns to opposition
         self.plot(np.array([x[0], x[-1]]), np.zeros(2), line_style="grey50", hires_mode=HiResMode.BRAILLE)
         self.plot(x, curve.values, line_style="green", hires_mode=HiResMode.BRAILLE)
+        marked = []
         for k in marks:  # the ranking's rows (top 10 on screen, top 100 computed)
             # (on a linear axis over many ranks they would sit on the head and hide it)
             if 1 < k < curve.total and (log_rank or k > 0.05 * curve.total):
                 self.add_v_line(float(np.log10(k) if log_rank else k), "yellow")
+                marked.append(k)
         hi = float(np.max(curve.values)) if len(curve.values) else 1.0
         lo = float(np.min(curve.values)) if len(curve.values) else 0.0
         pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
@@ -34,4 +37,5 @@ class ScoreCurve(PlotWidget):
         self.set_xlimits(float(x[0]), float(x[0]) + span * 1.01)
         self.set_ylimits(min(lo, 0.0) - pad, max(hi, 0.0) + pad)
         self.set_xlabel("rank (log scale)" if log_rank else "rank")
-        self.set_ylabel(f"{score} at rank r")
+        self.set_ylabel(score)  # (textual-plot drops the first letter of a label of 19+ characters)
+        return marked

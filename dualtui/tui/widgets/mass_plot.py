@@ -54,4 +54,4 @@ class MassOverTime(Vertical):
             pad = (top - low) * 0.05 or abs(top) * 0.05 or 1.0  # a constant layer still gets a visible band
             plot.set_ylimits(min(low, 0.0) - (pad if low < 0 else 0.0), top + pad)
             plot.set_xlabel("training step")
-            plot.set_ylabel(f"{name} per step bin")
+            plot.set_ylabel(name)  # (textual-plot drops the first letter of a label of 19+ characters)

@@ -10,7 +10,7 @@ from textual.widgets import DataTable
 from ...engine.spotlight import Ranked
 from ...tables import Col, fit, score_columns
 from ...units import num
-from ..messages import RowSelected
+from ..messages import RowSelected, ColumnsFitted
 from ..model import OpenRun
 from ..render import plain
 
@@ -80,6 +80,7 @@ class RankingTable(DataTable):
             same = [i for i, r in enumerate(rows) if before is not None and _identity(r, group) == _identity(before, self.group)]
             self.move_cursor(row=same[0] if same else 0)
         self.post_message(RowSelected(self.selected))
+        self.post_message(ColumnsFitted())
 
     def on_resize(self) -> None:
         if self.ranked_rows and self.size.width != self._fitted_width:
