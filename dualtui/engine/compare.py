@@ -37,11 +37,11 @@ def ranks_with_ties(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties given the mean of the ranks they span (as Spearman's ρ needs)."""
     order = np.argsort(x, kind="stable")
     xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    starts = np.r_[0, np.nonzero(np.diff(xs))[0] + 1]
+    new = np.r_[True, xs[1:] != xs[:-1]]  # where each run of equal values starts, in sorted order
+    starts = np.nonzero(new)[0]
     ends = np.r_[starts[1:], len(x)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new) - 1]  # one pass: a million examples, no Python loop
     return ranks
 
 
@@ -95,6 +95,7 @@ def compare(bundle: Bundle, layer: str, first: int, second: int, by: str = "effe
     """One spotlight pass over both items at `layer`, then compare_spotlights."""
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
-    a, b = spotlights(bundle, layer, [first, second], top=1, by=(by,), groups=("pattern",), summary=False, masses=True,
+    # No ranking is asked for (groups=()): the dense per-example sums and the masses are all it reads.
+    a, b = spotlights(bundle, layer, [first, second], top=1, by=(by,), groups=(), summary=False, masses=True,
                       dense_examples=True, device=device, queries=queries)
     return compare_spotlights(a, b, by, top, bundle.queries(queries).name)

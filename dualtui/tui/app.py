@@ -110,8 +110,7 @@ class DualtuiApp(App[None]):
 
     def on_mount(self) -> None:
         self.sub_title = str(self.open_run.bundle.path)
-        self.compute()
-        self.compute_other()
+        self.compute()  # (its refresh starts the second item's spotlight too, with --compare)
         if self.start_view == "overview":
             self.query_one(OverviewPane).start_verify()
 
@@ -127,9 +126,7 @@ class DualtuiApp(App[None]):
         elif "layer" in changes and self.layer not in self.results:
             self.compute()
         else:
-            self.refresh_views()
-        if "layer" in changes or "other" in changes:
-            self.compute_other()
+            self.refresh_views()  # (it also starts the second item's spotlight at a new layer)
 
     @property
     def state(self) -> ViewState:

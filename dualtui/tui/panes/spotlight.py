@@ -42,6 +42,24 @@ class SpotlightPane(Horizontal):
                    style="bold" if it.correct else "bold red")
         data, marks = self.run.test_preview(m)
         self.query_one("#spot-test", Preview).show(data, cap, **marks)
+        spot = state.results.get(L)
+        table = self.query_one("#spot-table", RankingTable)
+        table.loading = spot is None
+        if spot is not None:
+            rows = spot.ranked[(state.by, state.group, state.reverse)]
+            # Another layer arriving refreshes every view; rebuilding an unchanged 100-row
+            # table costs ~0.1 s of main-thread time (benchmarks/README.md, TUI).
+            if rows is not table.ranked_rows or state.group != table.group:
+                table.show(rows, state.group, state.by)
+            else:
+                self.show_selected(table.selected)  # the other layers' scores may have just arrived
+        self.show_header()
+
+    def show_header(self) -> None:
+        """The ranking's title: layer, score, grouping, order, the layer's summary, and the
+        columns the table left out at its width."""
+        state = self.state
+        L = state.layer
         header = Text()
         header.append(L, style="bold")
         header.append(f" ({self.run.layers.index(L) + 1}/{len(self.run.layers)}) · ")
@@ -51,23 +69,14 @@ class SpotlightPane(Horizontal):
         header.append(" · ")
         header.append("lowest first" if state.reverse else "highest first", style="bold cyan")
         spot = state.results.get(L)
-        table = self.query_one("#spot-table", RankingTable)
         if spot is None:
             header.append("   computing…", style="yellow")
-            table.loading = True
         else:
-            table.loading = False
             s = spot.summary
             header.append(f"\n{s.patterns:,} patterns · learned {s.learned_share:.0%} · "
                           f"effective {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.0e}", style="dim")
-            rows = spot.ranked[(state.by, state.group, state.reverse)]
-            # Another layer arriving refreshes every view; rebuilding an unchanged 100-row
-            # table costs ~0.1 s of main-thread time (benchmarks/README.md, TUI).
-            if rows is not table.ranked_rows or state.group != table.group:
-                table.show(rows, state.group, state.by)
-            else:
-                self.show_selected(table.selected)  # the other layers' scores may have just arrived
             # (the chosen score's own raw column is never needed: the score column shows it)
+            table = self.query_one("#spot-table", RankingTable)
             left_out = [c for c in table.left_out if not c.endswith("(= score)")]
             if left_out:
                 header.append(f" · not shown at this width: {', '.join(left_out)}", style="dim")
@@ -75,7 +84,7 @@ class SpotlightPane(Horizontal):
 
     def on_columns_fitted(self, event: ColumnsFitted) -> None:
         if self.state is not None:  # a resize re-fits the columns: the header's note must follow
-            self.update_view(self.state)
+            self.show_header()
 
     def on_row_selected(self, event: RowSelected) -> None:
         self.show_selected(event.row)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from textual_plot.axis_formatter import AxisFormatter, NumericAxisFormatter
 
@@ -27,12 +27,13 @@ class ShortNumbers(NumericAxisFormatter):
     ticks (a short plot has one row per tick or less, and two labels on one row read as one:
     "-2" under "0" showed "-0")."""
 
-    def __init__(self, most: int | None = None):
-        self.most = most
+    def __init__(self, most: int | Callable[[], int] | None = None):
+        self.most = most  # a callable is asked at each drawing (a plot whose height follows the window)
 
     def get_ticks(self, min_: float, max_: float, max_ticks: int = 8) -> list[float]:
         ticks = super().get_ticks(min_, max_, max_ticks)
-        while self.most is not None and len(ticks) > max(self.most, 2):
+        most = self.most() if callable(self.most) else self.most
+        while most is not None and len(ticks) > max(most, 2):
             keep = 0 if 0.0 not in ticks else ticks.index(0.0) % 2  # keep the zero tick when there is one
             ticks = ticks[keep::2]
         return ticks

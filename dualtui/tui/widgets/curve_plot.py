@@ -17,7 +17,9 @@ class ScoreCurve(PlotWidget):
     def show(self, curve: Curve, score: str, log_rank: bool, marks: tuple[int, ...] = (10, 100)) -> list[int]:
         """Plot the curve; returns the ranks marked with a vertical line."""
         self.clear()
-        self.set_y_formatter(ShortNumbers(most=max(2, (self.size.height - 5) // 2) if self.size.height else 5))
+        # A tick every other row of the plot area (its height less the 5 rows of margins), read
+        # when the axis is drawn: the height at this call may be before the layout settled.
+        self.set_y_formatter(ShortNumbers(most=lambda: max(2, (self.size.height - 5) // 2) if self.size.height else 5))
         ranks = curve.ranks.astype(np.float64)
         x = np.log10(ranks) if log_rank else ranks
         self.set_x_formatter(LogRanks() if log_rank else ShortNumbers())
