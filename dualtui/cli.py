@@ -73,6 +73,7 @@ def info_json(bundle: Any) -> dict:
         "optimizer": m.optimizer,
         "training": m.training,
         **({"not_covered": m.extra["not_covered"]} if "not_covered" in m.extra else {}),
+        "dual_form": m.dual_form,
         # what `verify` checks the tensors against (the digests themselves are in the manifest)
         "checksums": ({"algorithm": m.checksums["algorithm"], "tensors": len(m.checksums["tensors"])}
                       if m.checksums is not None else None),
@@ -138,6 +139,13 @@ def info(
     if tr:
         out.print("training: " + ", ".join(f"{k}={v}" for k, v in tr.items()))
     out.print(_attribution_line(d["attribution"]))
+    from .dual_form import label
+
+    if b.manifest.approximate:
+        out.print(Text(label(b.manifest), style="bold yellow"))
+    elif d["dual_form"].get("method") == "adafactor":
+        out.print("dual form: exact (adafactor); keys are the layer inputs rescaled by the column factor of their "
+                  "step's second-moment estimate, values the error signals rescaled by its row factor", markup=False)
     if "not_covered" in d:  # recorded by the Recorder since the text runs; older bundles lack it
         nc = d["not_covered"]
         out.print("not covered by the dual form: " + ", ".join(nc) if nc else "every trained parameter is covered by the dual form")
@@ -173,12 +181,16 @@ def verify(
     bundle: Path = typer.Argument(..., help="A .safetensors bundle or a sharded .safetensors.index.json."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
     no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip recomputing the per-tensor checksums."),
+    accept_approximate: bool = typer.Option(False, "--accept-approximate",
+                                            help="Exit 0 for an approximate bundle (Adam) whose residual is as recorded."),
 ) -> None:
     """Prove primal == dual for every layer: weight vs w0 + valuesᵀ keys, bias, and test outputs;
-    first, every tensor's checksum against the one its writer stored.
+    first, every tensor's checksum against the one its writer stored. For an approximate bundle
+    (Adam, AdamW) report instead how much of the learned change the patterns explain.
 
     Exit 0 when every checksum matches and every layer is within tolerance, 1 when a tensor
-    changed since it was written or a layer is not within tolerance, 3 when the bundle is invalid.
+    changed since it was written, a layer is not within tolerance, or the bundle is approximate
+    (unless --accept-approximate and its residual is the one recorded), 3 when the bundle is invalid.
     """
     from .engine.verify import verify_bundle
 
@@ -200,8 +212,11 @@ def verify(
                            f"tensors, {cs.algorithm}); its layers were not checked", style="red"))
             raise typer.Exit(int(ExitCode.CHECK_FAILED))
         out.print(_checksum_line(cs), markup=False)
-        t = Table("layer", "storage", "patterns", "weight err", "bias err", "output err", "tolerance", "", box=None, pad_edge=False)
         fmt = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
+        if report.approximate:
+            _approximate_report(out, report, b.manifest.dual_form, accept_approximate)
+            return
+        t = Table("layer", "storage", "patterns", "weight err", "bias err", "output err", "tolerance", "", box=None, pad_edge=False)
         for c in report.layers:
             t.add_row(c.name, _DTYPE_NAMES.get(c.storage_dtype, c.storage_dtype), f"{c.patterns:,}", fmt(c.weight_max_abs_error),
                       fmt(c.bias_max_abs_error), fmt(c.output_max_abs_error), fmt(c.tolerance),
@@ -223,6 +238,28 @@ def verify(
         raise typer.Exit(int(ExitCode.CHECK_FAILED))
 
 
+def _approximate_report(out: Any, report: Any, dual_form: dict, accept: bool) -> None:
+    """verify of an approximate bundle: never "primal == dual"; the residual per layer instead."""
+    from rich.table import Table
+    from rich.text import Text
+
+    method = dual_form.get("method", "approximate")
+    t = Table("layer", "patterns", "explained", "‖residual‖", "‖W_T − w0‖", "residual on queries", "", box=None, pad_edge=False)
+    for c in report.layers:
+        t.add_row(c.name, f"{c.patterns:,}", f"{c.explained:.1%}", f"{c.residual_norm:.3g}", f"{c.learned_change_norm:.3g}",
+                  "-" if c.output_residual_share is None else f"{c.output_residual_share:.1%}",
+                  Text("as recorded", style="green") if c.ok else Text("FAIL: not the recorded residual", style="red"))
+    out.print(t)
+    shares = ", ".join(f"{c.explained:.1%} (layer {c.name})" for c in report.layers)
+    out.print(Text(f"approximate ({method}): the dual form explains {shares} of the learned change; "
+                   f"the rest is not attributed to any pattern", style="yellow"))
+    out.print(_attribution_line(report.to_json()["attribution"]), markup=False)
+    if not report.ok or not accept:
+        if report.ok:
+            out.print("exit 1: approximate bundles pass verify only with --accept-approximate", markup=False)
+        raise typer.Exit(int(ExitCode.CHECK_FAILED))
+
+
 def _checksum_line(cs) -> str:
     if cs.skipped:
         return "checksums: not checked (--no-checksums)"
@@ -236,6 +273,17 @@ class Setting(str, Enum):
     single = "single"
     multitask = "multitask"
     continual = "continual"
+
+
+class Optim(str, Enum):
+    sgd = "sgd"
+    adafactor = "adafactor"
+    adamw = "adamw"
+
+
+OPTIMIZER_OPT = typer.Option(Optim.sgd, "--optimizer", help="sgd (momentum; exact), adafactor (exact; the layers are "
+                             "then built without biases) or adamw (a labelled approximation: verify says how much the "
+                             "patterns explain).")
 
 
 class StorageDtype(str, Enum):
@@ -257,8 +305,9 @@ def record_digits_cmd(
     epochs: int = typer.Option(6, min=1, help="Passes over each task's training data."),
     hidden: int = typer.Option(32, min=1, help="Width of the two hidden layers."),
     batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(0.05, min=0.0),
-    momentum: float = typer.Option(0.9, min=0.0),
+    optimizer: Optim = OPTIMIZER_OPT,
+    lr: Optional[float] = typer.Option(None, min=0.0, help="Learning rate (default: 0.05 for sgd, 0.01 for adafactor, 0.003 for adamw)."),
+    momentum: float = typer.Option(0.9, min=0.0, help="SGD's momentum."),
     weight_decay: float = typer.Option(1e-4, min=0.0),
     clip_norm: Optional[float] = typer.Option(None, min=0.0, help="Clip the global gradient norm to this value."),
     dtype: StorageDtype = typer.Option(StorageDtype.float32, "--dtype", help="Storage dtype of keys and values."),
@@ -267,7 +316,7 @@ def record_digits_cmd(
     journal_every: int = JOURNAL_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
-    """An MLP (64→H→H→10, SGD with momentum) on scikit-learn's 1,797 real 8×8 digits."""
+    """An MLP (64→H→H→10, SGD with momentum by default) on scikit-learn's 1,797 real 8×8 digits."""
     from .record.digits import record_digits
 
     # patterns: 1,437 training images × epochs (× 2 tasks' phases in continual), 3 layers
@@ -279,7 +328,8 @@ def record_digits_cmd(
     with _training_progress(err) as on_step:
         result = record_digits(out_path, setting.value, epochs=epochs, hidden=hidden, batch_size=batch_size, lr=lr,
                                momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm,
-                               storage_dtype=dtype.value, seed=seed, on_step=on_step, journal_every=journal_every)
+                               storage_dtype=dtype.value, seed=seed, on_step=on_step, journal_every=journal_every,
+                               optimizer=optimizer.value)
     _report_recording(err, result, {}, "test accuracy", as_json)
 
 
@@ -352,6 +402,12 @@ def _report_recording(err: Any, result: Any, extra: dict, accuracy_label: str, a
         err.print(f"interrupted by {name} after {result.steps} steps; wrote a bundle of the completed steps to {result.path}")
         raise typer.Exit(128 + result.signal if result.signal else int(ExitCode.INTERRUPTED))
     err.print(f"wrote {result.path} ({result.steps} steps)")
+    from .bundle import Bundle
+    from .dual_form import label
+
+    approximate = label(Bundle.open(result.path).manifest)
+    if approximate:
+        err.print(approximate, style="yellow", markup=False)
     if result.signal:  # it came while the complete bundle was being written: that finished first
         import signal as signal_mod
 
@@ -372,8 +428,9 @@ def record_text_cmd(
     heads: int = typer.Option(2, min=1, help="Attention heads per block (must divide --width)."),
     steps: int = typer.Option(300, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(8, min=1, help="Windows per step."),
-    lr: float = typer.Option(0.3, min=0.0),
-    momentum: float = typer.Option(0.9, min=0.0),
+    optimizer: Optim = OPTIMIZER_OPT,
+    lr: Optional[float] = typer.Option(None, min=0.0, help="Learning rate (default: 0.3 for sgd, 0.01 for adafactor, 0.003 for adamw)."),
+    momentum: float = typer.Option(0.9, min=0.0, help="SGD's momentum."),
     weight_decay: float = typer.Option(0.0, min=0.0),
     clip_norm: Optional[float] = typer.Option(1.0, min=0.0, help="Clip the global gradient norm to this value (0: no clipping)."),
     tests: int = typer.Option(200, min=1, help="Test items: windows of held-out text (the last 10% of each corpus)."),
@@ -384,7 +441,7 @@ def record_text_cmd(
     journal_every: int = JOURNAL_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
-    """A character-level causal Transformer (SGD with momentum) on real text; every weight is recorded.
+    """A character-level causal Transformer (SGD with momentum by default) on real text; every weight is recorded.
 
     Every position of every training window is one key/value pattern per layer, so the
     bundle grows with training tokens × layers: the size is printed before training starts.
@@ -400,9 +457,12 @@ def record_text_cmd(
     except CorpusError as e:  # an unusable corpus is a bad input file, like a bad bundle
         fail(ExitCode.INVALID_BUNDLE, str(e))
     stem = sources[0].name if len(sources) == 1 else "corpora"
+    from .record.adaptive import EXPERIMENT_LR
+
+    lr = lr if lr is not None else EXPERIMENT_LR.get(optimizer.value, 0.3)
     cfg = TextConfig(context=context, width=width, blocks=blocks, heads=heads, steps=steps, batch_size=batch_size, lr=lr,
                      momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm or None, tests=tests, max_chars=max_chars,
-                     storage_dtype=dtype.value, seed=seed, journal_every=journal_every)
+                     storage_dtype=dtype.value, seed=seed, journal_every=journal_every, optimizer=optimizer.value)
     est = estimate_bytes(cfg, len(windows.vocab.tokens))
     out_path = _bundle_output(output or Path(f"text-{stem}.safetensors"), force, est.total)
     err = _stderr()

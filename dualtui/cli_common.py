@@ -72,6 +72,7 @@ def handles_errors(fn: Callable) -> Callable:
         from .bundle.writer import OutputError
         from .record.errors import RecorderError
 
+        _APPROXIMATE.clear()  # one command at a time (tests run several in one process)
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -103,12 +104,24 @@ def _open(path: Path) -> Any:
 
     b = Bundle.open(path)
     b.validate_small()
+    from .dual_form import label, marker
+
+    if b.manifest.approximate:  # said by every command, on stderr so that CSV and JSON stay parseable
+        print(f"dualtui: {label(b.manifest)}", file=sys.stderr)
+        _APPROXIMATE.append(marker(b.manifest))
     return b
+
+
+# The dual_form marker of the approximate bundle this command opened (dual_form.marker).
+_APPROXIMATE: list[dict] = []
 
 
 def _emit_json(obj: Any) -> None:
     """Strict JSON (RFC 8259): a NaN or infinity that reached here is written as null, never as
-    the bare NaN that jq and other strict parsers reject."""
+    the bare NaN that jq and other strict parsers reject. The output of an approximate bundle
+    says so (`dual_form`)."""
+    if _APPROXIMATE and isinstance(obj, dict) and "dual_form" not in obj:
+        obj = {**obj, "dual_form": _APPROXIMATE[0]}
     try:
         text = json.dumps(obj, indent=2, allow_nan=False)
     except ValueError:

@@ -126,10 +126,12 @@ def rank_json(bundle: Any, layer: str, test: int, by: str, group: str, reverse: 
 
     try:
         res = spotlights(bundle, layer, [test], top=top, by=[by], groups=[group], reverse=[reverse],
-                         summary=False, masses=False, device=device, queries=queries, focus=focus)[0]
+                         summary=bundle.manifest.approximate, masses=False, device=device, queries=queries, focus=focus)[0]
     except ValueError as e:  # e.g. --position an item does not have
         raise UsageError(str(e)) from None
     d = ranking_dict(bundle, res, by, group, reverse, queries)
+    if res.summary is not None:  # approximate: the output term no pattern explains, beside the ranking
+        d["not_attributed"] = {"norm": res.summary.residual_norm, "share_of_learned_output": res.summary.residual_share}
     if focus is not None:
         d["position"] = focus
     return d
@@ -191,6 +193,7 @@ def rank(
     order = f"by {by.value} · {group.value}s · {'lowest' if reverse else 'highest'} first"
     if "test_text" in d:
         _print_text_ranking(out, d, L, order, classes, tasks)
+        _not_attributed_line(out, d)
         return
     item = f"test {m}" if qname == "test" else f"{qname} {m}"
     out.print(f"{item} (label {name(classes, d['test_label'])}, predicted {name(classes, d['test_prediction'])}) · layer {L} · {order}")
@@ -204,6 +207,14 @@ def rank(
     cols += [Col("example", [str(r["example"]) for r in rows], numeric=True), Col("label", [name(classes, r["label"]) for r in rows]),
              Col("task", [name(tasks, r["task"]) for r in rows], drop=1)]
     _print_table(out, cols)
+    _not_attributed_line(out, d)
+
+
+def _not_attributed_line(out: Any, d: dict) -> None:
+    na = d.get("not_attributed")
+    if na is not None:
+        out.print(f"not attributed to any pattern (approximate dual form): ‖residual · q‖ = {_fmt(na['norm'])}, "
+                  f"{na['share_of_learned_output']:.1%} of the learned output term", style="yellow", markup=False)
 
 
 def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list[str], tasks: list[str]) -> None:
@@ -376,16 +387,20 @@ def layers(
         return
 
     rows = d["layers"]
+    # an approximate bundle's residual is its own column: what no pattern explains is never dropped
+    residual = [Col("‖not attributed‖", [_fmt(r["residual_norm"]) for r in rows], numeric=True),
+                Col("of learned output", [f"{r['residual_share']:.1%}" for r in rows], numeric=True)] if b.manifest.approximate else []
     _print_table(_stdout(), [
         Col("layer", [r["layer"] for r in rows]),
         Col("‖w0 q + b0‖", [_fmt(r["initial_norm"]) for r in rows], numeric=True),
         Col("‖Σ α v‖", [_fmt(r["learned_norm"]) for r in rows], numeric=True),
+        *residual,
         Col("learned share", [f"{r['learned_share']:.1%}" for r in rows], numeric=True),
         Col("effective patterns", [_fmt(r["effective_patterns"]) for r in rows], numeric=True, drop=1),
         Col("of", [f"{r['patterns']:,}" for r in rows], numeric=True, drop=3),
         Col("top-10 share", [f"{r['top10_share']:.2%}" for r in rows], numeric=True, drop=2),
         Col("top-100 share", [f"{r['top100_share']:.2%}" for r in rows], numeric=True, drop=2),
-        Col("primal−dual", [f"{r['primal_dual_error']:.1e}" for r in rows], numeric=True, drop=1)],
+        *([] if b.manifest.approximate else [Col("primal−dual", [f"{r['primal_dual_error']:.1e}" for r in rows], numeric=True, drop=1)])],
         title=f"test {m}: per-layer contributions")
 
 

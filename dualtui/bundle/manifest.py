@@ -13,7 +13,8 @@ from .checksums import parse as checksum_entry
 
 FORMAT = "dualtui.bundle"
 VERSION = 2  # what writers write
-READ_VERSIONS = (1, 2)  # what readers read
+APPROXIMATE_VERSION = 3  # what writers write for a bundle whose dual form is approximate (dual_form)
+READ_VERSIONS = (1, 2, 3)  # what readers read
 METADATA_KEY = "dualtui"
 LAYER_KINDS = ("linear", "embedding", "conv", "elementwise")
 INPUT_KINDS = ("image", "text", "vector")
@@ -98,6 +99,16 @@ class Manifest:
     # {"algorithm": ..., "tensors": {name: hex}} (bundle/checksums.py); None: written before
     # checksums existed, or by a writer that does not store them
     checksums: dict[str, Any] | None = None
+
+    @property
+    def dual_form(self) -> dict[str, Any]:
+        """docs/format.md section 3, `dual_form`: {"exact": true} unless the recorder said otherwise."""
+        return self.extra.get("dual_form") or {"exact": True}
+
+    @property
+    def approximate(self) -> bool:
+        """The patterns do not explain the learned change exactly (Adam, AdamW: version 3)."""
+        return not self.dual_form.get("exact", True)
 
     def layer(self, name: str) -> LayerSpec:
         for spec in self.layers:
@@ -262,6 +273,7 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
     if checksums is not None:
         parsed = checksum_entry(checksums)
         _require(not isinstance(parsed, str), path, parsed if isinstance(parsed, str) else "")
+    _check_dual_form(d.get("dual_form"), version, path)
     top_known = {"format", "version", "layers", "tasks", "classes", "input", "optimizer", "training", "checksums"}
     if version >= 2:
         top_known |= {"query_sets", "attribution"}
@@ -278,6 +290,20 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
         attribution=attribution,
         checksums=checksums,
     )
+
+
+def _check_dual_form(df: Any, version: int, path: object) -> None:
+    """An approximate dual form needs version 3, so that a reader that does not know the key
+    refuses the bundle instead of presenting approximate scores as exact."""
+    if df is None:
+        _require(version < 3, path, "a version 3 manifest needs 'dual_form'")
+        return
+    _require(isinstance(df, dict) and isinstance(df.get("exact"), bool), path, "'dual_form' must be an object with a boolean 'exact'")
+    _require(df["exact"] or version >= 3, path, "an approximate 'dual_form' (exact: false) needs version 3")
+    layers = df.get("layers", {})
+    _require(isinstance(layers, dict) and all(isinstance(v, dict) and all(_is_number(x) for x in v.values())
+                                              for v in layers.values()), path,
+             "'dual_form.layers' must map layer names to objects of numbers")
 
 
 def _is_number(x: Any) -> bool:

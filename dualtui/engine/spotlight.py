@@ -95,6 +95,10 @@ class LayerSummary:
     top100_share: float
     primal_dual_error: float  # max |(W q + b) − (w0 q + b0 + Σ α v)|
     abs_sum: float  # Σ|α|
+    # ‖(W q + b) − (w0 q + b0 + Σ α v)‖: the part of the output no pattern explains; rounding in
+    # an exact bundle, the approximation's residual in an approximate one (docs/format.md dual_form)
+    residual_norm: float = 0.0
+    residual_share: float = 0.0  # residual_norm / ‖(W − w0) q + (b − b0)‖, the learned output term
 
 
 @dataclass
@@ -401,7 +405,10 @@ def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], qrows:
             top100_share=float(top_abs[:100].sum() / a) if a > 0 else 0.0,
             primal_dual_error=float(np.abs(primal[j] - (initial[j] + learned[j])).max(initial=0.0)),
             abs_sum=a,
+            residual_norm=float(np.linalg.norm(primal[j] - initial[j] - learned[j])),
         )
+        change = float(np.linalg.norm(primal[j] - initial[j]))
+        res.summary.residual_share = res.summary.residual_norm / change if change > 0 else 0.0
 
 
 def pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, q: np.ndarray, g: np.ndarray,

@@ -32,6 +32,14 @@ class LayerCheck:
     tolerance: float
     rounding_bound: float  # what rounding keys/values to the storage dtype can explain
     ok: bool
+    # The residual W_T − w0 − Σ v kᵀ (with the bias's): what no pattern explains. Rounding-level in
+    # an exact bundle; in an approximate one (Adam: docs/format.md `dual_form`) the part of the
+    # learned change the recorded patterns leave out.
+    approximate: bool = False
+    residual_norm: float = 0.0  # Frobenius, weight and bias together
+    learned_change_norm: float = 0.0  # ‖W_T − w0‖ (and the bias's)
+    explained: float = 1.0  # 1 − residual_norm / learned_change_norm
+    output_residual_share: float | None = None  # ‖residual · q‖ / ‖(W_T − w0) · q‖ over every query row
 
 
 @dataclass
@@ -92,12 +100,30 @@ class VerifyReport:
         return (self.checksums.ok and all(layer.ok for layer in self.layers)
                 and not (self.attribution or {}).get("failed"))
 
+    @property
+    def approximate(self) -> bool:
+        """The bundle's dual form is approximate (Adam): its layers' `ok` means the residual is as
+        recorded, not primal == dual."""
+        return any(layer.approximate for layer in self.layers)
+
     def to_json(self) -> dict:
-        return {"bundle": self.path, "ok": self.ok, "layers": [asdict(layer) for layer in self.layers],
+        return {"bundle": self.path, "ok": self.ok, "exact": not self.approximate,
+                "layers": [asdict(layer) for layer in self.layers],
                 "attribution": self.attribution if self.attribution is not None else
                 {"checked": False, "reason": "recorded before the attribution check existed (format version 1)"},
                 "not_covered": self.not_covered,
                 "checksums": {**asdict(self.checksums), "ok": self.checksums.ok}}
+
+
+def add_patterns(kind: str, learned: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+    """learned += Σ_t v_t k_tᵀ in the stored layout (docs/format.md 4a), float64: linear and conv
+    [out, in]; embedding rows by token id; elementwise Σ v ⊙ k."""
+    if kind == "elementwise":
+        learned += (values * keys).sum(axis=0)
+    elif kind == "embedding":
+        np.add.at(learned, keys, values)
+    else:
+        learned += values.T @ keys
 
 
 def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
@@ -125,24 +151,16 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
     for chunk in bundle.chunks(layer, rows):
         v = chunk.values.astype(np.float64)
         bias_term = bias_scale[chunk.step] if bias_scale is not None else np.ones(len(v))
-        if elementwise:  # γ_T = γ_0 + Σ v ⊙ k,  β_T = β_0 + Σ v
-            k = chunk.keys.astype(np.float64)
-            learned += (v * k).sum(axis=0)
-            magnitude += np.abs(v * k).sum(axis=0)
-            abs_key_sum += np.abs(k).sum(axis=0)
-            if spec.bias:
-                bias_sum += bias_term @ v
-        elif emb:
-            np.add.at(learned, chunk.keys, v)
-            np.add.at(magnitude, chunk.keys, np.abs(v))
+        k = chunk.keys if emb else chunk.keys.astype(np.float64)
+        add_patterns(spec.kind, learned, k, v)
+        add_patterns(spec.kind, magnitude, k if emb else np.abs(k), np.abs(v))
+        if emb:
             np.add.at(abs_key_sum, chunk.keys, 1.0)
         else:
-            k = chunk.keys.astype(np.float64)
-            learned += v.T @ k
-            magnitude += np.abs(v).T @ np.abs(k)
             abs_key_sum += np.abs(k).sum(axis=0)
             if spec.bias:
                 bias_sum += bias_term @ v
+        if not (emb or elementwise):
             if dual_out is not None:
                 # Σ_t α_t v_t over the chunk, in blocks of query rows so that α stays ~64 MB.
                 step = max(1, (8 << 20) // max(k.shape[0], 1))
@@ -200,7 +218,26 @@ def verify_layer(bundle: Bundle, layer: str, rows: int = 1 << 15) -> LayerCheck:
     if out_err is not None and not emb and queries.shape[0]:
         out_tol = tolerance * max(1.0, float(np.abs(queries).sum(axis=1).max(initial=0.0)) + (1.0 if spec.bias else 0.0))
     ok = weight_err <= tolerance and (bias_err is None or bias_err <= tolerance) and (out_err is None or out_err <= out_tol)
-    return LayerCheck(layer, spec.kind, storage, spec.patterns, weight_err, bias_err, out_err, tolerance, rounding, ok)
+    res_sq = float(((weight - reconstructed) ** 2).sum())
+    change_sq = float(((weight - w0) ** 2).sum())
+    if spec.bias:
+        res_sq += float(((bias - b0 - bias_sum) ** 2).sum())
+        change_sq += float(((bias - b0) ** 2).sum())
+    out_share = None
+    if dual_out is not None:
+        out_change = float(np.linalg.norm(primal - (q @ w0.T + (b0 if spec.bias else 0.0))))
+        out_share = float(np.linalg.norm(primal - dual)) / out_change if out_change > 0 else 0.0
+    check = LayerCheck(layer, spec.kind, storage, spec.patterns, weight_err, bias_err, out_err, tolerance, rounding, ok,
+                       residual_norm=res_sq ** 0.5, learned_change_norm=change_sq ** 0.5,
+                       explained=1.0 - (res_sq / change_sq) ** 0.5 if change_sq > 0 else 1.0,
+                       output_residual_share=out_share)
+    if bundle.manifest.approximate:
+        # primal == dual is not the claim here: the bundle says what the patterns leave out, and
+        # that statement (the recorder's residual) is what is checked, to the same tolerance.
+        stated = bundle.manifest.dual_form.get("layers", {}).get(layer, {}).get("residual_norm")
+        check.approximate = True
+        check.ok = stated is None or abs(stated - check.residual_norm) <= tolerance * max(1.0, check.learned_change_norm)
+    return check
 
 
 def verify_bundle(bundle: Bundle, check_contents: bool = True, checksums: bool = True) -> VerifyReport:

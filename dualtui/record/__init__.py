@@ -6,7 +6,7 @@ Names are imported lazily so that `dualtui.record.errors` stays free of torch.
 from typing import Any
 
 _EXPORTS = {"Recorder": "recorder", "RecorderError": "errors", "StepRecord": "coefficients",
-            "sgd_coefficients": "coefficients"}
+            "sgd_coefficients": "coefficients", "coefficients": "coefficients"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -28,6 +28,42 @@ class StepRecord:
     maximize: bool
     active: bool  # False when the parameter had no gradient: PyTorch skips it entirely
     scale: float  # the parameter's .grad divided by the recorded sum of patterns
+    # "sgd"; or an adaptive rule (adaptive.py), whose patterns carry the step's rescaling and
+    # whose scalars are: lr = the step size η, momentum = Adam's β1, weight_decay = the
+    # decoupled decay (p ← (1 − weight_decay)·p), dampening unused.
+    rule: str = "sgd"
+
+
+def coefficients(steps: list[StepRecord]) -> tuple[float, np.ndarray]:
+    """(a, C) with W_T = a·W_0 + Σ_s C[s]·G_s, whatever the steps' rule."""
+    if all(st.rule == "sgd" for st in steps):
+        return sgd_coefficients(steps)
+    return adaptive_coefficients(steps)
+
+
+def adaptive_coefficients(steps: list[StepRecord]) -> tuple[float, np.ndarray]:
+    """Adafactor (exact) and Adam with its preconditioner folded into the patterns (adaptive.py):
+        m   = β1·m + (1 − β1)·(±G·scale)          (Adam; Adafactor: m = ±G·scale, β1 = 0 and no 1 − β1)
+        p   = (1 − decay)·p − η·m
+    run backwards like sgd_coefficients: P = ∂W_T/∂p_s, B = ∂W_T/∂m_s."""
+    C = np.zeros(len(steps), dtype=np.float64)
+    P, B = 1.0, 0.0
+    for s in range(len(steps) - 1, -1, -1):
+        st = steps[s]
+        if not st.active:
+            continue
+        sign = (-1.0 if st.maximize else 1.0) * st.scale
+        if st.rule == "adafactor":
+            C[s] = -float(st.lr) * P * sign
+        elif st.rule == "adam":
+            b1 = float(st.momentum)
+            total = B - float(st.lr) * P
+            C[s] = (1.0 - b1) * total * sign
+            B = b1 * total
+        else:
+            raise ValueError(f"step {s}: rule {st.rule!r} mixed with adaptive steps")
+        P = P * (1.0 - float(st.weight_decay))
+    return P, C
 
 
 def sgd_coefficients(steps: list[StepRecord]) -> tuple[float, np.ndarray]:

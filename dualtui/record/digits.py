@@ -7,6 +7,7 @@ which shows forgetting and lets the spotlight show which training phase a predic
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,19 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .recorder import Recorder, interruption
+from .adaptive import EXPERIMENT_LR, experiment_optimizer
+from .recorder import Approximate, Recorder, interruption
 
 SETTINGS = ("single", "multitask", "continual")
 TWO_TASKS = ["digits 0-4", "digits 5-9"]
 
 
 class DigitsMLP(nn.Module):
-    def __init__(self, hidden: int = 32):
+    def __init__(self, hidden: int = 32, bias: bool = True):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, 10),
+            nn.Linear(64, hidden, bias=bias), nn.ReLU(),
+            nn.Linear(hidden, hidden, bias=bias), nn.ReLU(),
+            nn.Linear(hidden, 10, bias=bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +99,7 @@ def record_digits(
     epochs: int = 6,
     hidden: int = 32,
     batch_size: int = 32,
-    lr: float = 0.05,
+    lr: float | None = None,
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     clip_norm: float | None = None,
@@ -108,6 +110,8 @@ def record_digits(
     on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     check_attribution: bool = True,
     journal_every: int = 1024,
+    optimizer: str = "sgd",
+    bias: bool | None = None,
 ) -> DigitsResult:
     """Train on digits (recording the dual form unless record=False) and write the bundle.
 
@@ -118,28 +122,34 @@ def record_digits(
         raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
     torch.manual_seed(seed)
     data = load_digits_split(setting, seed)
-    model = DigitsMLP(hidden)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    lr = lr if lr is not None else EXPERIMENT_LR.get(optimizer, 0.05)
+    bias = optimizer != "adafactor" if bias is None else bias  # Adafactor is exact for bias-free layers
+    model = DigitsMLP(hidden, bias=bias)
+    opt = experiment_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     gen = torch.Generator().manual_seed(seed)
     batches, epoch_ends = batch_schedule(setting, data.task_train, epochs, batch_size, gen)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(batches), eta_min=lr * 0.1)
     rec = None
     if record:
-        rec = Recorder(
-            model, opt, out,
-            tasks=data.tasks, classes=[str(i) for i in range(10)],
-            input={"kind": "image", "shape": [8, 8]},
-            storage_dtype=storage_dtype, clip_norm=clip_norm, output_layout="batch-first",
-            check_attribution=check_attribution, journal_every=journal_every,
-            train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
-            training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
-                      "epoch_end_steps": epoch_ends,
-                      # continual: the steps [start, end) spent on each task, for marking task boundaries
-                      **({"task_phases": [[0, epoch_ends[epochs - 1]], [epoch_ends[epochs - 1], len(batches)]]} if setting == "continual" else {}),
-                      "dataset": "sklearn digits 8x8", "schedule": "cosine", "clip_norm": clip_norm, "seed": seed},
-            extra={"experiment": {"name": "digits", "setting": setting, "hidden": hidden,
-                                  "command": f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"}},
-        )
+        with warnings.catch_warnings():  # the command says it after the run, from the bundle
+            warnings.simplefilter("ignore", Approximate)
+            rec = Recorder(
+                model, opt, out,
+                tasks=data.tasks, classes=[str(i) for i in range(10)],
+                input={"kind": "image", "shape": [8, 8]},
+                storage_dtype=storage_dtype, clip_norm=clip_norm, output_layout="batch-first",
+                check_attribution=check_attribution, journal_every=journal_every, approximate=optimizer == "adamw",
+                train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
+                training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
+                          "epoch_end_steps": epoch_ends,
+                          # continual: the steps [start, end) spent on each task, for marking task boundaries
+                          **({"task_phases": [[0, epoch_ends[epochs - 1]], [epoch_ends[epochs - 1], len(batches)]]} if setting == "continual" else {}),
+                          "dataset": "sklearn digits 8x8", "schedule": "cosine", "clip_norm": clip_norm, "seed": seed},
+                extra={"experiment": {"name": "digits", "setting": setting, "hidden": hidden, "optimizer": optimizer,
+                                      "bias": bias,
+                                      "command": f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"
+                                                 + (f" --optimizer {optimizer}" if optimizer != "sgd" else "")}},
+            )
     interrupted = False
     signum = None
     try:

@@ -28,6 +28,7 @@ class PendingStep:
     step: int
     calls: list[Any]  # the layer's _Call objects of that step
     actual: torch.Tensor  # the parameter gradient projected on the layer's probe (on device)
+    factors: Any = None  # an adaptive step's rescaling of the patterns (adaptive.Factors)
 
 
 def make_probe(adapter: Adapter, like: torch.Tensor) -> torch.Tensor:

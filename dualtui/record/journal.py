@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..bundle.manifest import LayerSpec, Manifest, QuerySetSpec
+from ..bundle.manifest import APPROXIMATE_VERSION, VERSION, LayerSpec, Manifest, QuerySetSpec
+from ..engine.verify import add_patterns
 from ..bundle.writer import BundleWriter, OutputError
-from .coefficients import StepRecord, sgd_coefficients
+from .coefficients import StepRecord, coefficients
 from .distributed import SPOOL_RANK, merge, rank_spools
 from .errors import RecorderError
 
@@ -28,12 +29,13 @@ _SPEC_KEYS = ("name", "kind", "in_features", "out_features", "bias", "patterns",
 
 
 def steps_json(steps: list[StepRecord]) -> list[list]:
-    return [[s.lr, s.momentum, s.dampening, s.nesterov, s.weight_decay, s.maximize, s.active, s.scale] for s in steps]
+    return [[s.lr, s.momentum, s.dampening, s.nesterov, s.weight_decay, s.maximize, s.active, s.scale]
+            + ([s.rule] if s.rule != "sgd" else []) for s in steps]
 
 
 def steps_from_json(rows: list[list]) -> list[StepRecord]:
-    return [StepRecord(float(r[0]), float(r[1]), float(r[2]), bool(r[3]), float(r[4]), bool(r[5]), bool(r[6]), float(r[7]))
-            for r in rows]
+    return [StepRecord(float(r[0]), float(r[1]), float(r[2]), bool(r[3]), float(r[4]), bool(r[5]), bool(r[6]), float(r[7]),
+                       str(r[8]) if len(r) > 8 else "sgd") for r in rows]
 
 
 def bias_chain(C: np.ndarray, bias_steps: list[StepRecord], name: str,
@@ -42,7 +44,7 @@ def bias_chain(C: np.ndarray, bias_steps: list[StepRecord], name: str,
     per-step ratio of its coefficient to the weight's (docs/format.md: layer/<L>/bias_scale)."""
     if not bias_steps:
         return None, None
-    a_b, C_b = sgd_coefficients(bias_steps)
+    a_b, C_b = coefficients(bias_steps)
     if np.array_equal(C_b, C):
         return a_b, None
     ratio = np.ones(len(C), dtype=np.float64)
@@ -57,19 +59,46 @@ def bias_chain(C: np.ndarray, bias_steps: list[StepRecord], name: str,
     return a_b, ratio
 
 
-def compose(state: dict, specs: list[LayerSpec], get: Callable[[str], np.ndarray | None]
+def residual_summary(spec: LayerSpec, static: dict[str, np.ndarray], chunks: Iterable[dict[str, np.ndarray]],
+                     C: np.ndarray, bias_ratio: np.ndarray | None) -> dict[str, float]:
+    """What the patterns of an approximate recording leave out of the learned change: the
+    residual W_T − w0 − Σ v kᵀ (and the bias's), in float64 (docs/format.md `dual_form`)."""
+    L = spec.name
+    weight, w0 = (static[f"layer/{L}/{n}"].astype(np.float64) for n in ("weight", "w0"))
+    learned = np.zeros_like(weight)
+    bias_sum = np.zeros(spec.out_features)
+    for chunk in chunks:
+        v = np.asarray(chunk["values"], dtype=np.float64) * C[np.asarray(chunk["step"])][:, None]
+        keys = np.asarray(chunk["keys"])
+        add_patterns(spec.kind, learned, keys if spec.kind == "embedding" else keys.astype(np.float64), v)
+        if spec.bias:
+            bias_sum += (bias_ratio[np.asarray(chunk["step"])] if bias_ratio is not None else np.ones(len(v))) @ v
+    res_sq = float(((weight - w0 - learned) ** 2).sum())
+    change_sq = float(((weight - w0) ** 2).sum())
+    if spec.bias:
+        bias, b0 = (static[f"layer/{L}/{n}"].astype(np.float64) for n in ("bias", "b0"))
+        res_sq += float(((bias - b0 - bias_sum) ** 2).sum())
+        change_sq += float(((bias - b0) ** 2).sum())
+    return {"residual_norm": res_sq ** 0.5, "learned_change_norm": change_sq ** 0.5,
+            "explained": 1.0 - (res_sq / change_sq) ** 0.5 if change_sq > 0 else 1.0}
+
+
+def compose(state: dict, specs: list[LayerSpec], get: Callable[[str], np.ndarray | None],
+            chunks: Callable[[str], Iterable[dict[str, np.ndarray]]] | None = None
             ) -> tuple[Manifest, dict[str, np.ndarray], Callable]:
     """The bundle of a journal state: manifest, static tensors and the value transform.
-    `get(key)` returns a journaled array (None when absent)."""
+    `get(key)` returns a journaled array (None when absent); `chunks(layer)` the spooled raw
+    patterns (for the residual of an approximate recording)."""
     f64 = state["storage_dtype"] == "float64"
     cast = (lambda a: np.asarray(a, dtype=np.float64)) if f64 else (lambda a: np.asarray(a, dtype=np.float32))  # noqa: E731
     static: dict[str, np.ndarray] = {}
     coeffs: dict[str, np.ndarray] = {}
+    bias_ratios: dict[str, np.ndarray | None] = {}
     failures = list(state.get("check_failures", []))
     for spec in specs:
         L = spec.name
         lay = state["layers"][L]
-        a, C = sgd_coefficients(steps_from_json(lay["steps"]))
+        a, C = coefficients(steps_from_json(lay["steps"]))
         coeffs[L] = C
         static[f"layer/{L}/weight"] = cast(get(f"now/{L}/w"))
         static[f"layer/{L}/w0"] = cast(a * np.asarray(get(f"init/{L}/w"), dtype=np.float64))
@@ -77,6 +106,7 @@ def compose(state: dict, specs: list[LayerSpec], get: Callable[[str], np.ndarray
             a_b, ratio = bias_chain(C, steps_from_json(lay["bias_steps"]), L, failures)
             static[f"layer/{L}/bias"] = cast(get(f"now/{L}/b"))
             static[f"layer/{L}/b0"] = cast((a if a_b is None else a_b) * np.asarray(get(f"init/{L}/b"), dtype=np.float64))
+            bias_ratios[L] = ratio
             if ratio is not None:
                 static[f"layer/{L}/bias_scale"] = ratio
                 spec.extra["bias_scale"] = True
@@ -104,8 +134,18 @@ def compose(state: dict, specs: list[LayerSpec], get: Callable[[str], np.ndarray
     if failures:
         training["check_failures"] = failures
     extra = {"not_covered": state["not_covered"], **state["extra"]}
+    version = VERSION
+    if state.get("dual_form") is not None:  # an adaptive optimizer (record/adaptive.py)
+        dual_form = dict(state["dual_form"])
+        if not dual_form["exact"]:
+            version = APPROXIMATE_VERSION
+            if chunks is not None:
+                dual_form["layers"] = {spec.name: residual_summary(spec, static, chunks(spec.name), coeffs[spec.name],
+                                                                   bias_ratios.get(spec.name)) for spec in specs}
+        extra["dual_form"] = dual_form
     manifest = Manifest(layers=specs, tasks=tasks, classes=classes, input=state["input"], optimizer=state["optimizer"],
-                        training=training, extra=extra, query_sets=query_sets, attribution=state["attribution"])
+                        training=training, version=version, extra=extra, query_sets=query_sets,
+                        attribution=state["attribution"])
 
     def transform(layer: str, raw: np.ndarray, steps: np.ndarray) -> np.ndarray:
         return raw.astype(np.float64) * coeffs[layer][steps][:, None]
@@ -172,7 +212,7 @@ def write_merged(spools: list[Path], target: Path, *, partial: bool, state_updat
             file = journals[source]["arrays"].get(key)
             return None if file is None else loaders[source](file)
 
-        manifest, static, transform = compose(state, specs, get)
+        manifest, static, transform = compose(state, specs, get, writer.iter_chunks)
         return writer.finalize(manifest, static, transform, partial=partial), state
     except BaseException:
         writer.discard()
@@ -214,7 +254,7 @@ def recover(path: Path, out: Path | None = None) -> tuple[Path, dict]:
 
     state = {**state, "recovered": f"from the journal at step {state['step']} (the recording never finished)"}
     state["interrupted"] = state.get("interrupted") or "not finished (recovered from its journal)"
-    manifest, static, transform = compose(state, specs, get)
+    manifest, static, transform = compose(state, specs, get, writer.iter_chunks)
     try:
         return writer.finalize(manifest, static, transform, partial=True), state
     except OutputError:

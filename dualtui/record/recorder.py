@@ -1,4 +1,5 @@
-"""`Recorder`: hooks a PyTorch model and its SGD optimizer and writes an exact dual-form bundle.
+"""`Recorder`: hooks a PyTorch model and its optimizer and writes a dual-form bundle: exact for
+torch.optim.SGD and Adafactor, a labelled approximation for Adam/AdamW (approximate=True).
 
 Usage, in the user's own training loop:
 
@@ -15,7 +16,8 @@ Usage, in the user's own training loop:
 
 The pieces: `adapters/` (what each module kind records), `layout.py` (which example each input
 row belongs to), `gradscale.py` (primal == dual, step by step), `attribution.py` (the example
-ids are right), `queries.py` (query sets), `coefficients.py` (the SGD family's scalars).
+ids are right), `queries.py` (query sets), `coefficients.py` (the per-step scalars), `adaptive.py` (Adafactor's
+and Adam's per-step rescaling of the patterns).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from ..bundle.writer import STORAGE_DTYPES, BundleWriter, OutputError
 from .adapters import Adapter, AdapterError, adapter_class, recordable_kinds, unsupported_reason
 from .adapters.base import autograd_input
 from .attribution import AttributionCheck, make_schedule
-from .coefficients import StepRecord, sgd_coefficients
+from .adaptive import adafactor_step, adam_step, check_adafactor_layer, optimizer_rule
+from .coefficients import StepRecord, coefficients
 from .distributed import detect, rank_spools, unwrap
 from .errors import RecorderError
 from .gradscale import PendingStep, make_probe, measure_scales
@@ -73,7 +76,10 @@ class NotCovered(UserWarning):
     """Trained parameters that the recorded dual form will not describe (said when recording starts)."""
 
 
-REFUSED_OPTIMIZERS = "Adam, AdamW, RMSprop, Adagrad and other per-coordinate optimizers"
+class Approximate(UserWarning):
+    """The recording's dual form is approximate (Adam, AdamW): said when recording starts."""
+
+
 
 
 class _CaptureGrad(torch.autograd.Function):
@@ -261,16 +267,17 @@ class Recorder:
         journal_every: int = 1024,
         journal_seconds: float = 60.0,
         resume: dict | None = None,
+        approximate: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.SGD):
+        # sgd and adafactor: exact; adam (Adam, AdamW): a labelled approximation (adaptive.py)
+        self.rule = optimizer_rule(optimizer)
+        if self.rule == "adam" and not approximate:
             raise RecorderError(
-                f"{type(optimizer).__name__} cannot be recorded exactly: dualtui supports torch.optim.SGD "
-                f"(schedules, momentum, dampening, Nesterov, weight decay, clipping, accumulation); "
-                f"{REFUSED_OPTIMIZERS} rescale each weight coordinate separately, so an update is no longer "
-                f"an outer product of a key and a value"
-            )
+                f"{type(optimizer).__name__} cannot be recorded exactly: its per-coordinate preconditioner makes an update "
+                f"no outer product of a key and a value (SGD and Adafactor are recorded exactly); pass approximate=True to "
+                f"record it as a labelled approximation whose unexplained part every command reports")
         wrapper = model
         model = unwrap(model)  # DistributedDataParallel: its .module, so names match a 1-process run
         # Several processes (torch.distributed): each rank records its own patterns and the
@@ -339,6 +346,13 @@ class Recorder:
         # a copy: the recording goes on changing its state, the caller's checkpoint must not
         self._resume = self._check_resume(copy.deepcopy(resume), path) if resume is not None else None
         self.layers = self._select_layers(layers)
+        for layer in self.layers.values():
+            if self.rule != "sgd" and layer.tie is not None:
+                raise RecorderError(f"layer {layer.name!r} shares its weight with {layer.tie!r}: tied weights are recorded "
+                                    f"with SGD only; leave one use out with layers=[...]")
+            if self.rule == "adafactor":
+                check_adafactor_layer(layer.name, layer.adapter, layer.params)
+        self._pre_factors: dict[str, Any] = {}  # Adafactor: each layer's rescaling of this step, worked out before it
         bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # batch statistics (training mode, or no running statistics) couple the examples
         self.check.batch_norms = lambda: [n for n, m in bns if m.training or not m.track_running_stats]
@@ -366,6 +380,11 @@ class Recorder:
                 layer.handles = [layer.module.register_forward_hook(self._make_forward_hook(layer))]
             else:
                 layer.handles = layer.adapter.install(self, layer)
+        if self.rule == "adam":
+            warnings.warn(Approximate(f"{type(optimizer).__name__}: recorded as an approximation (each step's preconditioner "
+                                     f"replaced by its best rank-1 approximation); the bundle says how much of the "
+                                     f"learned change its patterns explain, and verify exits 1 for it unless "
+                                     f"--accept-approximate"), stacklevel=2)
         nc = self._not_covered()
         if nc:  # said at the start, not discovered in `verify` afterwards
             warnings.warn(NotCovered(self._not_covered_line(nc)), stacklevel=2)
@@ -797,14 +816,19 @@ class Recorder:
             actual = layer.adapter.project_grad(layer.probe) if active else None
             if active and self.step_count < EAGER_STEPS and not bool(torch.isfinite(actual).all()):
                 raise self._non_finite(layer.name)
-            record = StepRecord(lr, mu, damp, nest, wd, maxim, active, 1.0)
+            record = StepRecord(lr, mu, damp, nest, wd, maxim, active, 1.0, self.rule)
+            if self.rule == "adafactor" and active:  # before the step: a refusal leaves the weights as recorded
+                eta, decay, factors = adafactor_step(layer.name, self.step_count, layer.adapter, layer.group,
+                                                     self.optimizer.state[layer.params[0]], layer.params[0])
+                record.lr, record.momentum, record.dampening, record.nesterov, record.weight_decay = eta, 0.0, 0.0, False, decay
+                self._pre_factors[layer.name] = factors
             bias_record = None
             if layer.spec.bias:
                 if lr == 0.0 and bias_hyper[0] != 0.0 and active:
                     raise RecorderError(f"layer {layer.name!r} step {self.step_count}: the weight's learning rate is 0 while "
                                         "its bias trains; record the layer with its weight trained, or leave it out")
                 bias = layer.params[1]
-                bias_record = StepRecord(*bias_hyper, active and bias.grad is not None, 1.0)
+                bias_record = StepRecord(*bias_hyper, active and bias.grad is not None, 1.0, self.rule)
             if active and self.step_count < EAGER_STEPS:
                 if layer.tie is None:
                     measure_scales(layer.adapter, layer.probe, [PendingStep(self.step_count, layer.calls, actual)],
@@ -832,8 +856,9 @@ class Recorder:
             if bias_record is not None:
                 layer.bias_steps.append(bias_record)
             calls, layer.calls = layer.calls, []
+            factors = self._adaptive(layer, record, bias_record) if record.active and self.rule != "sgd" else None
             if record.active:
-                layer.pending.append(PendingStep(self.step_count, calls, actual))
+                layer.pending.append(PendingStep(self.step_count, calls, actual, factors))
                 layer.pending_bytes += sum(c.keys.nbytes + c.grad.nbytes for c in calls)
                 flush = flush or len(layer.pending) >= CHECK_WINDOW or layer.pending_bytes >= self.writer.chunk_bytes
         self._pending_records = []
@@ -855,6 +880,20 @@ class Recorder:
         if self._pending_interrupt:
             signum, self._pending_interrupt = self._pending_interrupt, 0
             raise Interrupted(signum)
+
+    def _adaptive(self, layer: _Layer, record: StepRecord, bias_record: StepRecord | None) -> Any:
+        """An adaptive step's scalars into its StepRecord; returns how its patterns are rescaled."""
+        if self.rule == "adafactor":
+            return self._pre_factors.pop(layer.name)
+        w = layer.params[0]
+        eta, beta1, decay, factors = adam_step(layer.adapter, layer.group, self.optimizer.state[w], w.grad)
+        record.lr, record.momentum, record.dampening, record.nesterov, record.weight_decay = eta, beta1, 0.0, False, decay
+        if bias_record is not None and bias_record.active:
+            bgroup = layer.bias_group if layer.bias_group is not None else layer.group
+            bias = layer.params[1]
+            b_eta, b_beta1, b_decay, _ = adam_step(layer.adapter, bgroup, self.optimizer.state[bias], bias.grad)
+            bias_record.lr, bias_record.momentum, bias_record.dampening, bias_record.weight_decay = b_eta, b_beta1, 0.0, b_decay
+        return factors
 
     def _commit_pending(self, strict: bool = True) -> None:
         """Check the scales of the applied steps and move their patterns to the spool."""
@@ -888,8 +927,11 @@ class Recorder:
             if not calls:
                 continue
             counts = [sum(c.keys.shape[0] for c in p.calls) for p in pending]
-            keys = torch.cat([c.keys for c in calls]).cpu()
-            grads = torch.cat([c.grad for c in calls]).cpu()
+            # An adaptive step's rescaling goes into its patterns once the scales are measured
+            # (the check compares the raw patterns with .grad).
+            pairs = [(c.keys, c.grad) if p.factors is None else p.factors.apply(c.keys, c.grad) for p in pending for c in p.calls]
+            keys = torch.cat([k for k, _ in pairs]).cpu()
+            grads = torch.cat([g for _, g in pairs]).cpu()
             example = torch.cat([c.example_ids() for c in calls])
             position = torch.cat([c.positions() for c in calls]) if layer.with_position else example
             step = torch.repeat_interleave(torch.tensor([p.step for p in pending]), torch.tensor(counts))
@@ -961,7 +1003,7 @@ class Recorder:
     # ------------------------------------------------------------------ the dual form
     def coefficients(self, layer: str) -> tuple[float, np.ndarray]:
         """(a, C): W_T = a·W_0 + Σ_s C[s]·G_s over the steps recorded so far."""
-        return sgd_coefficients(self.layers[layer].steps)
+        return coefficients(self.layers[layer].steps)
 
     def dual(self, layer: str) -> dict[str, np.ndarray]:
         """The whole dual memory of one layer in the recording dtype (loads it all: for tests
@@ -1032,6 +1074,8 @@ class Recorder:
         g = self.optimizer.param_groups[0]
         scales = [s.scale for lay in self.layers.values() for s in lay.steps if s.active]
         clipped = any(abs(s - 1.0) > 1e-6 for s in scales)
+        if self.rule != "sgd":
+            return self._adaptive_json(clipped)
         return {
             "name": "sgd",
             "lr": float(g.get("initial_lr", g["lr"])),  # a scheduler keeps the base rate here
@@ -1047,6 +1091,29 @@ class Recorder:
             # every group's settings (the keys above are group 0's), and which parameters it holds
             "groups": [self._group_json(g) for g in self.optimizer.param_groups],
         }
+
+    def _adaptive_json(self, clipped: bool) -> dict:
+        """Adafactor's or Adam's settings, per group (group 0's at the top, as for SGD)."""
+        keys = {"adafactor": ("beta2_decay", "eps", "d", "weight_decay", "maximize"),
+                "adam": ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")}[self.rule]
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, (tuple, list)):
+                return [plain(x) for x in v]
+            return v if v is None or isinstance(v, (bool, str)) else float(v)
+
+        def group(g: dict) -> dict:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            params = [names.get(id(p), "(not in the model)") for p in g["params"]]
+            return {"lr": float(g.get("initial_lr", g["lr"])), "lr_final": float(g["lr"]),
+                    **{k: plain(g.get(k)) for k in keys}, "parameters": len(params),
+                    "names": params if len(params) <= 64 else params[:64] + [f"… {len(params) - 64} more"]}
+
+        groups = [group(g) for g in self.optimizer.param_groups]
+        name = self.rule if self.rule != "adam" else ("adamw" if self.optimizer.param_groups[0].get("decoupled_weight_decay") else "adam")
+        return {"name": name, **{k: v for k, v in groups[0].items() if k not in ("parameters", "names")},
+                "clip_norm": self.clip_norm, "gradient_scaled": clipped,
+                "param_groups": len(groups), "groups": groups}
 
     def _group_json(self, g: dict) -> dict:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -1125,7 +1192,16 @@ class Recorder:
             "query_sets": [q.to_json() for q in self.query_set_specs.values()],
             "query_arrays": {name: sorted(t) for name, t in self.query_tensors.items()},
             "chunks": self.writer.chunk_counts(),
+            **({"dual_form": self._dual_form()} if self.rule != "sgd" else {}),
         }
+
+    def _dual_form(self) -> dict:
+        if self.rule == "adafactor":
+            return {"exact": True, "method": "adafactor",
+                    "keys": "layer inputs rescaled by the column factor of their step's second-moment estimate"}
+        return {"exact": False, "method": "adam-rank1",
+                "approximation": "each step's preconditioner 1/(sqrt(v_hat)+eps) replaced by its best rank-1 "
+                                 "approximation and kept for the gradient's momentum tail"}
 
     def _spec_extra(self, lay: _Layer) -> dict:
         extra = {}
@@ -1232,7 +1308,8 @@ class Recorder:
         if self.world:  # rank 0 composes the bundle from every rank's journal
             self.path_written = self._finish_merged(partial, keep)
         else:
-            manifest, static, transform = compose(state, [lay.spec for lay in self.layers.values()], self._live.get)
+            manifest, static, transform = compose(state, [lay.spec for lay in self.layers.values()], self._live.get,
+                                                  self.writer.iter_chunks)
             self.path_written = self.writer.finalize(manifest, static, transform, partial=partial, keep_spool=keep)
         if keep:
             print(f"dualtui: kept the recording's spool {self.writer.spool} for a resume from the checkpoint "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,20 +26,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .recorder import Recorder, interruption
+from .adaptive import experiment_optimizer
+from .recorder import Approximate, Recorder, interruption
 from .text_corpus import Source, Windows, make_windows, read_corpus, stdlib_docstrings
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, bias: bool = True):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.q = nn.Linear(width, width)
-        self.k = nn.Linear(width, width)
-        self.v = nn.Linear(width, width)
-        self.proj = nn.Linear(width, width)
+        self.q = nn.Linear(width, width, bias=bias)
+        self.k = nn.Linear(width, width, bias=bias)
+        self.v = nn.Linear(width, width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
@@ -48,13 +50,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp: int):
+    def __init__(self, width: int, heads: int, mlp: int, bias: bool = True):
         super().__init__()
         self.ln1 = nn.LayerNorm(width, elementwise_affine=False)
-        self.attn = CausalSelfAttention(width, heads)
+        self.attn = CausalSelfAttention(width, heads, bias)
         self.ln2 = nn.LayerNorm(width, elementwise_affine=False)
-        self.up = nn.Linear(width, mlp)
-        self.down = nn.Linear(mlp, width)
+        self.up = nn.Linear(width, mlp, bias=bias)
+        self.down = nn.Linear(mlp, width, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -62,14 +64,15 @@ class Block(nn.Module):
 
 
 class CharTransformer(nn.Module):
-    def __init__(self, vocab: int, context: int, width: int = 32, blocks: int = 2, heads: int = 2, mlp: int | None = None):
+    def __init__(self, vocab: int, context: int, width: int = 32, blocks: int = 2, heads: int = 2, mlp: int | None = None,
+                 bias: bool = True):
         super().__init__()
         self.context = context
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp or 2 * width) for _ in range(blocks))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp or 2 * width, bias) for _ in range(blocks))
         self.ln = nn.LayerNorm(width, elementwise_affine=False)
-        self.head = nn.Linear(width, vocab)
+        self.head = nn.Linear(width, vocab, bias=bias)
         with torch.no_grad():  # small embeddings: the layer norms set the scale anyway
             self.tok.weight.mul_(0.1)
             self.pos.weight.mul_(0.1)
@@ -103,6 +106,8 @@ class TextConfig:
     check_attribution: bool = True
     journal_every: int = 1024
     query_rows: str = "auto"  # record_test rows: "all" positions of every test window, or "focus" (the last)
+    optimizer: str = "sgd"  # or "adafactor" (exact, bias-free layers), "adamw" (approximate); lr then its usual rate
+    bias: bool | None = None  # the Linear layers' biases (default: all but with Adafactor)
 
 
 @dataclass
@@ -168,6 +173,10 @@ def training_windows(windows: Windows, cfg: TextConfig) -> np.ndarray:
     return np.sort(gen.choice(n, size=want, replace=False))
 
 
+def _bias(cfg: TextConfig) -> bool:
+    return cfg.optimizer != "adafactor" if cfg.bias is None else cfg.bias
+
+
 def record_text(
     out: str | Path,
     corpus: list[Path] | None = None,
@@ -195,8 +204,8 @@ def record_text(
     vocab = windows.vocab.tokens
 
     torch.manual_seed(cfg.seed)
-    model = CharTransformer(len(vocab), cfg.context, cfg.width, cfg.blocks, cfg.heads)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    model = CharTransformer(len(vocab), cfg.context, cfg.width, cfg.blocks, cfg.heads, bias=_bias(cfg))
+    opt = experiment_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * 0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[torch.Tensor] = []
@@ -207,24 +216,28 @@ def record_text(
 
     rec = None
     if record:
-        rec = Recorder(
-            model, opt, out,
-            tasks=windows.tasks, classes=vocab,
-            input={"kind": "text", "vocab": vocab, "context": cfg.context, "tokenizer": "characters",
-                   "window": "train/input and test/input rows hold context + 1 tokens: the inputs, then the target of the last position"},
-            storage_dtype=cfg.storage_dtype, clip_norm=cfg.clip_norm,
-            output_layout="batch-first",  # [windows, positions, vocab]: the attribution check decides each layer
-            check_attribution=cfg.check_attribution, journal_every=cfg.journal_every,
-            # train/label of a window is the token after it; class masses of text runs use the
-            # token after each pattern's own position instead (DESIGN.md section 3).
-            train_inputs=train.numpy(), train_labels=train[:, -1], train_tasks=train_task,
-            training={"steps": cfg.steps, "batch_size": cfg.batch_size, "schedule": "cosine", "clip_norm": cfg.clip_norm,
-                      "seed": cfg.seed, "dataset": "; ".join(windows.origins),
-                      "train_characters": int(n * cfg.context), "held_out_characters": int(sum(t for _, t in windows.chars))},
-            extra={"experiment": {"name": "text", "model": "character-level causal Transformer",
-                                  "context": cfg.context, "width": cfg.width, "blocks": cfg.blocks, "heads": cfg.heads,
-                                  "corpus": windows.origins, "command": command or "dualtui record text"}},
-        )
+        with warnings.catch_warnings():  # the command says it after the run, from the bundle
+            warnings.simplefilter("ignore", Approximate)
+            rec = Recorder(
+                model, opt, out,
+                tasks=windows.tasks, classes=vocab,
+                input={"kind": "text", "vocab": vocab, "context": cfg.context, "tokenizer": "characters",
+                       "window": "train/input and test/input rows hold context + 1 tokens: the inputs, then the target of the last position"},
+                storage_dtype=cfg.storage_dtype, clip_norm=cfg.clip_norm,
+                output_layout="batch-first",  # [windows, positions, vocab]: the attribution check decides each layer
+                check_attribution=cfg.check_attribution, journal_every=cfg.journal_every,
+                approximate=cfg.optimizer == "adamw",
+                # train/label of a window is the token after it; class masses of text runs use the
+                # token after each pattern's own position instead (DESIGN.md section 3).
+                train_inputs=train.numpy(), train_labels=train[:, -1], train_tasks=train_task,
+                training={"steps": cfg.steps, "batch_size": cfg.batch_size, "schedule": "cosine", "clip_norm": cfg.clip_norm,
+                          "seed": cfg.seed, "dataset": "; ".join(windows.origins),
+                          "train_characters": int(n * cfg.context), "held_out_characters": int(sum(t for _, t in windows.chars))},
+                extra={"experiment": {"name": "text", "model": "character-level causal Transformer",
+                                      "context": cfg.context, "width": cfg.width, "blocks": cfg.blocks, "heads": cfg.heads,
+                                      "optimizer": cfg.optimizer, "bias": _bias(cfg),
+                                      "corpus": windows.origins, "command": command or "dualtui record text"}},
+            )
     interrupted = False
     signum = None
     losses: list[float] = []

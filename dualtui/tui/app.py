@@ -109,7 +109,10 @@ class DualtuiApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = str(self.open_run.bundle.path)
+        from ..dual_form import short_label
+
+        mark = short_label(self.open_run.bundle.manifest)
+        self.sub_title = str(self.open_run.bundle.path) + (f" · {mark}" if mark else "")
         self.compute()  # (its refresh starts the second item's spotlight too, with --compare)
         if self.start_view == "overview":
             self.query_one(OverviewPane).start_verify()

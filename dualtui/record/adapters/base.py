@@ -76,10 +76,14 @@ class Adapter:
         """Size of the input's feature axis (the last), or None when every input entry is a row."""
         raise NotImplementedError
 
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like params[0] (the weight, its gradient, an optimizer's per-coordinate
+        state) in the bundle's layout ([out, in]; embedding [vocab, width])."""
+        return t if self.rows is None else t[self.rows]
+
     def weight(self) -> torch.Tensor:
-        """The weight now, in the bundle's layout ([out, in]; embedding [vocab, width])."""
-        w = self.params[0].detach()
-        return w if self.rows is None else w[self.rows]
+        """The weight now, in the bundle's layout."""
+        return self.layout(self.params[0].detach())
 
     def bias(self) -> torch.Tensor | None:
         if not self.spec.bias:

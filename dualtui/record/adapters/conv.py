@@ -81,8 +81,11 @@ class ConvAdapter(LinearMath, Adapter):
     def feature(self) -> int:
         return self.spec.in_features
 
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.rows].reshape(self._out_per_group, -1)
+
     def weight(self) -> torch.Tensor:
-        return self.module.weight.detach()[self.rows].reshape(self._out_per_group, -1)
+        return self.layout(self.module.weight.detach())
 
     def weight_grad(self) -> torch.Tensor | None:
         g = self.module.weight.grad

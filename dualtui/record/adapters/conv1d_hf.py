@@ -49,8 +49,11 @@ class Conv1DAdapter(LinearAdapter):
     def params(self) -> list[torch.Tensor]:
         return [self.module.weight, self.module.bias]
 
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        return t.T
+
     def weight(self) -> torch.Tensor:
-        return self.module.weight.detach().T
+        return self.layout(self.module.weight.detach())
 
     def weight_grad(self) -> torch.Tensor | None:
         g = self.module.weight.grad

@@ -62,8 +62,11 @@ class NormAdapter(Adapter):
     def feature(self) -> int:
         return self.spec.in_features
 
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1)
+
     def weight(self) -> torch.Tensor:
-        return self.module.weight.detach().reshape(-1)
+        return self.layout(self.module.weight.detach())
 
     def bias(self) -> torch.Tensor | None:
         b = getattr(self.module, "bias", None)

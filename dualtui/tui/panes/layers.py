@@ -24,15 +24,22 @@ class LayersPane(RenderedPane):
                 parts.append(Text("computing…", style="yellow"))
                 continue
             s = spot.summary
-            norm_max = max(s.initial_norm, s.learned_norm, 1e-30)
-            parts.append(bar_table([("‖w0 q + b0‖ initial", s.initial_norm), ("‖Σ α v‖ learned", s.learned_norm)], width,
-                                   value_format=num, max_value=norm_max, style="magenta"))
+            approximate = self.run.bundle.manifest.approximate
+            terms = [("‖w0 q + b0‖ initial", s.initial_norm), ("‖Σ α v‖ learned", s.learned_norm)]
+            if approximate:  # the residual is its own row: nothing is silently dropped from the sum
+                terms.append(("‖R q‖ not attributed", s.residual_norm))
+            norm_max = max(max(v for _, v in terms), 1e-30)
+            parts.append(bar_table(terms, width, value_format=num, max_value=norm_max, style="magenta"))
             parts.append(bar_table([("learned share", s.learned_share),
                                     ("effective patterns", s.effective_patterns / max(s.patterns, 1)),
                                     ("top-10 share", s.top10_share), ("top-100 share", s.top100_share)],
                                    width, max_value=1.0))
-            parts.append(Text(f"effective patterns {s.effective_patterns:,.1f} of {s.patterns:,} · "
-                              f"primal−dual error {s.primal_dual_error:.1e}", style="dim"))
+            if approximate:
+                parts.append(Text(f"effective patterns {s.effective_patterns:,.1f} of {s.patterns:,} · APPROXIMATE: "
+                                  f"{s.residual_share:.0%} of the learned output term is not attributed", style="yellow"))
+            else:
+                parts.append(Text(f"effective patterns {s.effective_patterns:,.1f} of {s.patterns:,} · "
+                                  f"primal−dual error {s.primal_dual_error:.1e}", style="dim"))
         # The legend once, not under every layer.
         parts.append(Text("\ninitial ‖w0 q + b0‖ and learned ‖Σ α v‖: the two terms of the layer's output (W_T q = w0 q + Σ α v) · "
                           "learned share = ‖Σ α v‖ / (‖w0 q + b0‖ + ‖Σ α v‖) · effective patterns = (Σ|α|)²/Σα², "

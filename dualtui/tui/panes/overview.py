@@ -9,6 +9,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import get_current_worker
 
+from ... import dual_form
 from ...literal import literal
 from ..model import OpenRun
 from ..render import plain
@@ -45,6 +46,8 @@ class OverviewPane(VerticalScroll):
         add(f"{b.path}", style="bold")
         add(f"   format v{m.version} · {_size(b.size_bytes)}" + (f" in {len(b.files)} shards" if b.sharded else "") + "\n")
         add(f"train examples {b.train_size:,} · input {self.run.input_kind}\n")
+        if m.approximate:  # before anything else the run says: its scores are not exact
+            add(dual_form.label(m) + "\n", style="bold yellow")
         add("query sets: ", style="bold")
         add(", ".join(f"{n} ({b.queries(n).size:,} items)" for n in b.query_set_names) or "none")
         add("\n")
@@ -112,11 +115,19 @@ class OverviewPane(VerticalScroll):
                 return
             check = verify_layer(self.run.bundle, name)
             failed += not check.ok
-            cell = Text(f"{'ok' if check.ok else 'FAIL'}  {check.weight_max_abs_error:.1e} ≤ {check.tolerance:.1e}",
-                        style="green" if check.ok else "bold red")
+            if check.approximate:  # never "ok" for primal == dual: what the patterns explain
+                cell = Text(f"explains {check.explained:.0%}" if check.ok else "FAIL: residual not as recorded",
+                            style="yellow" if check.ok else "bold red")
+            else:
+                cell = Text(f"{'ok' if check.ok else 'FAIL'}  {check.weight_max_abs_error:.1e} ≤ {check.tolerance:.1e}",
+                            style="green" if check.ok else "bold red")
             self.app.call_from_thread(self._cell, name, cell, i + 1)
-        msg = Text("primal == dual for every layer", style="green") if not failed else Text(
-            f"{failed} layer(s) out of tolerance", style="bold red")
+        if failed:
+            msg = Text(f"{failed} layer(s) out of tolerance", style="bold red")
+        elif self.run.bundle.manifest.approximate:
+            msg = Text("approximate dual form: primal != dual by the residual (not attributed to any pattern)", style="yellow")
+        else:
+            msg = Text("primal == dual for every layer", style="green")
         self.app.call_from_thread(self._status, msg)
 
     def _cell(self, layer: str, cell: Text, done: int) -> None:

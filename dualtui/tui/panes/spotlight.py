@@ -73,8 +73,14 @@ class SpotlightPane(Horizontal):
             header.append("   computing…", style="yellow")
         else:
             s = spot.summary
-            header.append(f"\n{s.patterns:,} patterns · learned {s.learned_share:.0%} · "
-                          f"effective {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.0e}", style="dim")
+            if self.run.bundle.manifest.approximate:  # the ranking covers only what the patterns explain
+                header.append(f"\nAPPROXIMATE · not attributed to any pattern: {s.residual_share:.0%} of the learned output",
+                              style="bold yellow")
+                header.append(f" · {s.patterns:,} patterns · learned {s.learned_share:.0%} · "
+                              f"effective {s.effective_patterns:,.0f}", style="dim")
+            else:
+                header.append(f"\n{s.patterns:,} patterns · learned {s.learned_share:.0%} · "
+                              f"effective {s.effective_patterns:,.0f} · primal−dual {s.primal_dual_error:.0e}", style="dim")
             # (the chosen score's own raw column is never needed: the score column shows it)
             table = self.query_one("#spot-table", RankingTable)
             left_out = [c for c in table.left_out if not c.endswith("(= score)")]
