@@ -139,11 +139,7 @@ def info(
     if tr:
         out.print("training: " + ", ".join(f"{k}={v}" for k, v in tr.items()))
     out.print(_attribution_line(d["attribution"]))
-    from .dual_form import label
-
-    if b.manifest.approximate:
-        out.print(Text(label(b.manifest), style="bold yellow"))
-    elif d["dual_form"].get("method") == "adafactor":
+    if d["dual_form"].get("method") == "adafactor":  # (an approximate one is said on the first line)
         out.print("dual form: exact (adafactor); keys are the layer inputs rescaled by the column factor of their "
                   "step's second-moment estimate, values the error signals rescaled by its row factor", markup=False)
     if "not_covered" in d:  # recorded by the Recorder since the text runs; older bundles lack it
@@ -197,7 +193,13 @@ def verify(
     b = _open(bundle)
     report = verify_bundle(b, checksums=not no_checksums)
     if as_json:
-        _emit_json(report.to_json())
+        d = report.to_json()
+        if report.approximate:  # never "ok" for an approximate bundle unless it was asked for
+            d["accepted_approximate"] = accept_approximate
+            d["ok"] = d["ok"] and accept_approximate
+        _emit_json(d)
+        if report.approximate and not accept_approximate:
+            raise typer.Exit(int(ExitCode.CHECK_FAILED))
     else:
         from rich.table import Table
 

@@ -54,7 +54,12 @@ def _stderr() -> Any:
 
 def _stdout() -> Any:
     # Piped output is data: never squeeze a table to a guessed 80 columns.
-    return SafeConsole(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+    console = SafeConsole(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+    if _APPROXIMATE and not _APPROXIMATE[0].get("said"):
+        # a table of an approximate bundle starts by saying so (stderr alone is lost in `> file`)
+        _APPROXIMATE[0]["said"] = True
+        console.print(_APPROXIMATE[0]["label"], style="yellow", markup=False)
+    return console
 
 
 def fail(code: ExitCode, message: str) -> None:
@@ -108,7 +113,7 @@ def _open(path: Path) -> Any:
 
     if b.manifest.approximate:  # said by every command, on stderr so that CSV and JSON stay parseable
         print(f"dualtui: {label(b.manifest)}", file=sys.stderr)
-        _APPROXIMATE.append(marker(b.manifest))
+        _APPROXIMATE.append({"marker": marker(b.manifest), "label": label(b.manifest)})
     return b
 
 
@@ -121,7 +126,7 @@ def _emit_json(obj: Any) -> None:
     the bare NaN that jq and other strict parsers reject. The output of an approximate bundle
     says so (`dual_form`)."""
     if _APPROXIMATE and isinstance(obj, dict) and "dual_form" not in obj:
-        obj = {**obj, "dual_form": _APPROXIMATE[0]}
+        obj = {**obj, "dual_form": _APPROXIMATE[0]["marker"]}
     try:
         text = json.dumps(obj, indent=2, allow_nan=False)
     except ValueError:

@@ -213,8 +213,8 @@ def rank(
 def _not_attributed_line(out: Any, d: dict) -> None:
     na = d.get("not_attributed")
     if na is not None:
-        out.print(f"not attributed to any pattern (approximate dual form): ‖residual · q‖ = {_fmt(na['norm'])}, "
-                  f"{na['share_of_learned_output']:.1%} of the learned output term", style="yellow", markup=False)
+        out.print(f"not attributed to any pattern (approximate dual form): ‖R q‖ = {_fmt(na['norm'])}, "
+                  f"{na['share_of_learned_output']:.1%} of ‖(W_T − w0) q‖", style="yellow", markup=False)
 
 
 def _print_text_ranking(out: Any, d: dict, layer: str, order: str, classes: list[str], tasks: list[str]) -> None:

@@ -26,13 +26,6 @@ def label(manifest: Any) -> str | None:
             f"change; the rest is not attributed to any pattern")
 
 
-def short_label(manifest: Any) -> str | None:
-    """A few words for a title bar."""
-    if not manifest.approximate:
-        return None
-    return f"APPROXIMATE ({manifest.dual_form.get('method', 'approximate')})"
-
-
 def marker(manifest: Any) -> dict | None:
     """The JSON every command adds to its output for an approximate bundle."""
     if not manifest.approximate:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64"}
 
 
 def human_bytes(n: float) -> str:

@@ -152,10 +152,17 @@ def manifest_without_layers(tmp: Path):
     return same(vb.write(tmp / "nolayers.safetensors"))
 
 
-def version_3(tmp: Path):
+def version_4(tmp: Path):
     vb = base()
-    vb.manifest["version"] = 3
+    vb.manifest["version"] = 4
     return same(vb.write(tmp / "v2.safetensors"))
+
+
+def version_3_without_dual_form(tmp: Path):
+    vb = base()
+    vb.manifest["version"] = 3  # an approximate bundle's version: it must say what its dual form is
+    vb.manifest["query_sets"] = []
+    return same(vb.write(tmp / "v3.safetensors"))
 
 
 def missing_tensor(tmp: Path):
@@ -310,7 +317,8 @@ STRUCTURAL: dict[str, tuple[Case, str]] = {
     "unparseable manifest": (bad_json_manifest, "unparseable manifest"),
     "manifest not an object": (manifest_not_object, "unparseable manifest"),
     "manifest without layers": (manifest_without_layers, "layers"),
-    "format version 3": (version_3, "unknown format version"),
+    "format version 4": (version_4, "unknown format version"),
+    "format version 3 without dual_form": (version_3_without_dual_form, "needs 'dual_form'"),
     "missing tensor": (missing_tensor, "missing tensor"),
     "missing weight": (missing_weight, "missing tensor"),
     "weight shape": (shape_mismatch_weight, "shape disagrees with manifest"),
@@ -477,7 +485,7 @@ def test_content_error_fails_verify(tmp_path: Path, case: str) -> None:
 
 def test_file_name_with_a_newline_stays_one_line(tmp_path: Path) -> None:
     vb = base()
-    vb.manifest["version"] = 3
+    vb.manifest["version"] = 4
     path = vb.write(tmp_path / "bad\nname.safetensors")
     result = runner.invoke(app, ["info", str(path)])
     assert result.exit_code == INVALID

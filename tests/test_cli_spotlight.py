@@ -186,8 +186,11 @@ def test_layers_json_matches_brute_force(runs, family) -> None:
     assert [r["layer"] for r in d["layers"]] == [s["name"] for s in bf.manifest["layers"]]
     for r in d["layers"]:
         assert set(r) == {"layer", "patterns", "initial_norm", "learned_norm", "initial_share", "learned_share",
-                          "effective_patterns", "top10_share", "top100_share", "primal_dual_error", "abs_sum"}
+                          "effective_patterns", "top10_share", "top100_share", "primal_dual_error", "abs_sum",
+                          "residual_norm", "residual_share"}
         check_summary(bf, r["layer"], m, SimpleNamespace(**r))
+        # an exact bundle: what no pattern explains is rounding
+        assert r["residual_norm"] <= 1e-4 * max(1.0, r["initial_norm"] + r["learned_norm"])
     if family == "text":
         rare = next(r for r in d["layers"] if r["layer"] == "rare.emb")
         assert rare["abs_sum"] == 0 and rare["learned_norm"] == 0 and rare["effective_patterns"] == 0

@@ -253,7 +253,7 @@ def parse_manifest(text: str | None, path: object) -> Manifest:
     query_sets: list[QuerySetSpec] = []
     attribution = None
     if version >= 2:
-        _require("query_sets" in d, path, "a version 2 manifest needs 'query_sets' (a list, empty when no set was recorded)")
+        _require("query_sets" in d, path, f"a version {version} manifest needs 'query_sets' (a list, empty when no set was recorded)")
         query_sets = _parse_query_sets(d["query_sets"], path)
         names = {spec.name for spec in layers}
         for q in query_sets:

@@ -225,7 +225,8 @@ class Bundle:
         """layer/<L>/bias_scale (float64, by step) when the layer's bias has its own coefficient
         chain, else None (a bias is the weight of a constant input 1)."""
         name = f"layer/{layer}/bias_scale"
-        return np.asarray(self.array(name), dtype=np.float64) if self.has(name) else None
+        # a copy: [steps] float64 is small, and torch refuses to wrap a read-only mapping
+        return np.array(self.array(name), dtype=np.float64) if self.has(name) else None
 
     def storage_dtype(self, layer: str) -> str:
         return self.info(self.pattern_names(layer, "values")[0]).dtype

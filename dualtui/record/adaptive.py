@@ -77,18 +77,30 @@ def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x.clamp(min=torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(x))
 
 
+def _orientation(adapter, R: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Where the layout puts the parameter's rows: along the outputs, or (transposed:
+    transformers' Conv1D) along the inputs; a slice of them for packed attention. Read off the
+    layout of an index matrix, once per layer (the probe is as large as the weight)."""
+    cached = getattr(adapter, "_factor_orientation", None)
+    if cached is None or cached[0].device != device:
+        idx = adapter.layout(torch.arange(R * C, device=device).reshape(R, C))
+        r_of, c_of = idx // C, idx % C
+        if bool((r_of == r_of[:, :1]).all()):  # each output is one parameter row
+            cached = (r_of[:, 0].clone(), c_of[0].clone(), False)
+        else:
+            cached = (c_of[:, 0].clone(), r_of[0].clone(), True)
+        adapter._factor_orientation = cached
+    return cached
+
+
 def _orient(adapter, row: torch.Tensor, col: torch.Tensor) -> Factors:
-    """The parameter-shaped rank-1 matrix row colᵀ as the layer's value and key factors. Where the
-    layout puts the parameter's rows (along the outputs, along the inputs for transformers'
-    transposed Conv1D, a slice of them for packed attention) is read off the layout itself."""
+    """The parameter-shaped rank-1 matrix row colᵀ as the layer's value and key factors."""
     if adapter.kind == "embedding":  # [vocab, width]: rows are the token ids (keys), columns the values
         return Factors(value=col, key=row, key_by_id=True)
-    R, C = row.numel(), col.numel()
-    idx = adapter.layout(torch.arange(R * C, device=row.device).reshape(R, C))
-    r_of, c_of = idx // C, idx % C
-    if bool((r_of == r_of[:, :1]).all()):  # each output is one parameter row
-        return Factors(value=row[r_of[:, 0]], key=col[c_of[0]])
-    return Factors(value=col[c_of[:, 0]], key=row[r_of[0]])  # transposed
+    out_idx, in_idx, transposed = _orientation(adapter, row.numel(), col.numel(), row.device)
+    if transposed:
+        return Factors(value=col[out_idx], key=row[in_idx])
+    return Factors(value=row[out_idx], key=col[in_idx])
 
 
 def check_adafactor_layer(name: str, adapter, params: list[torch.Tensor]) -> None:
@@ -131,13 +143,17 @@ def adafactor_step(name: str, step: int, adapter, group: dict, state: dict, p: t
     else:
         v = (state["variance"] if state else torch.zeros_like(grad)).lerp(grad * grad, w)
         var = v.clone()
-    floored = var < eps1 * eps1
-    if bool((floored & (grad != 0)).any()):
+    floor = eps1 * eps1
+    # The floor bites nowhere when even the smallest entry of V clears it (one sync, O(out + in));
+    # otherwise it may only bite where the gradient is zero (a row or column never trained).
+    smallest = float(r.min()) * float(c.min()) / float(mean) if grad.dim() > 1 else float(v.min())
+    clear = smallest >= floor * (1 + 1e-6)  # (a margin for V's own rounding)
+    if not clear and bool(((var < floor) & (grad != 0)).any()):
         raise RecorderError(f"layer {name!r} step {step}: Adafactor's floor on its second-moment estimate "
                             f"(eps1² = {eps1 * eps1:.3g}) would change a coordinate whose gradient is not zero, so "
                             f"this update is not an outer product of a key and a value; the recording stops before "
                             f"the step (a float64 model has a smaller default eps1)")
-    update = var.clamp(min=eps1 * eps1).rsqrt().mul_(grad)
+    update = var.clamp(min=floor).rsqrt().mul_(grad)
     denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * float(group["d"])))
     rho = min(lr, 1.0 / math.sqrt(t))
     alpha = max(float(group["eps"][1]), p.detach().norm(2).item() / (p.numel() ** 0.5)) * rho
@@ -166,27 +182,49 @@ def rank1(p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return u, v
 
 
+def _adam_preconditioner(group: dict, state: dict) -> torch.Tensor:
+    """1/(√v̂ + ε) after the step, as torch.optim.Adam divides by it (float64)."""
+    beta2 = float(group["betas"][1])
+    v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    return 1.0 / ((v.to(torch.float64) / (1.0 - beta2 ** float(state["step"]))).sqrt() + float(group["eps"]))
+
+
+def adam_scalars(group: dict, state: dict) -> tuple[float, float, float]:
+    """(η, β1, decay) of an Adam/AdamW step: η = lr / (1 − β1^t); AdamW decays the weight outside
+    the preconditioner (a per-step scalar); Adam's coupled decay goes through the gradient, and
+    so is left in the residual."""
+    beta1 = float(group["betas"][0])
+    lr = float(group["lr"])
+    decoupled = bool(group.get("decoupled_weight_decay", False))
+    decay = lr * float(group["weight_decay"]) if decoupled and group["weight_decay"] != 0 else 0.0
+    return lr / (1.0 - beta1 ** float(state["step"])), beta1, decay
+
+
 def adam_step(adapter, group: dict, state: dict, grad: torch.Tensor) -> tuple[float, float, float, Factors]:
     """After torch's Adam/AdamW step on a weight with gradient `grad`: (η, β1, decay, factors),
     with the step's preconditioner 1/(√v̂ + ε) replaced by its rank-1 approximation closest on
     this step's update, in the layer's layout."""
-    beta1, beta2 = (float(b) for b in group["betas"])
-    t = float(state["step"])
-    v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    precond = 1.0 / ((v.to(torch.float64) / (1.0 - beta2 ** t)).sqrt() + float(group["eps"]))
-    lr = float(group["lr"])
-    eta = lr / (1.0 - beta1 ** t)
-    # AdamW decays the weight outside the preconditioner (a per-step scalar); Adam's coupled decay
-    # goes through the gradient, and so is left in the residual.
-    decoupled = bool(group.get("decoupled_weight_decay", False))
-    decay = lr * float(group["weight_decay"]) if decoupled and group["weight_decay"] != 0 else 0.0
-    lay = adapter.layout(precond)
+    eta, beta1, decay = adam_scalars(group, state)
+    lay = adapter.layout(_adam_preconditioner(group, state))
     if lay.dim() == 1:
         return eta, beta1, decay, Factors(value=lay, key=None)
     u, w = rank1(lay, adapter.layout(grad))
     if adapter.kind == "embedding":  # [vocab, width]: keys are the token ids
         return eta, beta1, decay, Factors(value=w, key=u, key_by_id=True)
     return eta, beta1, decay, Factors(value=u, key=w)
+
+
+def bias_fit(adapter, value: torch.Tensor, state: dict, group: dict, grad: torch.Tensor) -> float:
+    """The bias's values are the weight's (rescaled by the weight's row factor `value`); its own
+    preconditioner P_b differs per coordinate. The scalar s minimising ‖P_b ⊙ g − s·value ⊙ g‖
+    (g: the bias's gradient) is the closest one value per pattern can come; the rest is residual."""
+    rows = adapter.param_rows(1)
+    pb, g = _adam_preconditioner(group, state).reshape(-1), grad.to(torch.float64).reshape(-1)
+    if rows is not None:
+        pb, g = pb[rows], g[rows]
+    a = value.to(device=g.device, dtype=torch.float64)
+    den = float(((a * g) ** 2).sum())
+    return float((pb * a * g * g).sum()) / den if den > 0 else 1.0
 
 
 # ---------------------------------------------------------------- the built-in experiments

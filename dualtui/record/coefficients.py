@@ -32,6 +32,9 @@ class StepRecord:
     # whose scalars are: lr = the step size η, momentum = Adam's β1, weight_decay = the
     # decoupled decay (p ← (1 − weight_decay)·p), dampening unused.
     rule: str = "sgd"
+    # Adam's bias: the scalar that best fits its own preconditioner given the weight's row factor,
+    # which its values carry (adaptive.bias_fit); 1 otherwise
+    precondition: float = 1.0
 
 
 def coefficients(steps: list[StepRecord]) -> tuple[float, np.ndarray]:
@@ -52,7 +55,7 @@ def adaptive_coefficients(steps: list[StepRecord]) -> tuple[float, np.ndarray]:
         st = steps[s]
         if not st.active:
             continue
-        sign = (-1.0 if st.maximize else 1.0) * st.scale
+        sign = (-1.0 if st.maximize else 1.0) * st.scale * st.precondition
         if st.rule == "adafactor":
             C[s] = -float(st.lr) * P * sign
         elif st.rule == "adam":

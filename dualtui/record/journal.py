@@ -30,12 +30,12 @@ _SPEC_KEYS = ("name", "kind", "in_features", "out_features", "bias", "patterns",
 
 def steps_json(steps: list[StepRecord]) -> list[list]:
     return [[s.lr, s.momentum, s.dampening, s.nesterov, s.weight_decay, s.maximize, s.active, s.scale]
-            + ([s.rule] if s.rule != "sgd" else []) for s in steps]
+            + ([s.rule, s.precondition] if s.rule != "sgd" else []) for s in steps]
 
 
 def steps_from_json(rows: list[list]) -> list[StepRecord]:
     return [StepRecord(float(r[0]), float(r[1]), float(r[2]), bool(r[3]), float(r[4]), bool(r[5]), bool(r[6]), float(r[7]),
-                       str(r[8]) if len(r) > 8 else "sgd") for r in rows]
+                       str(r[8]) if len(r) > 8 else "sgd", float(r[9]) if len(r) > 9 else 1.0) for r in rows]
 
 
 def bias_chain(C: np.ndarray, bias_steps: list[StepRecord], name: str,

@@ -42,7 +42,7 @@ from ..bundle.writer import STORAGE_DTYPES, BundleWriter, OutputError
 from .adapters import Adapter, AdapterError, adapter_class, recordable_kinds, unsupported_reason
 from .adapters.base import autograd_input
 from .attribution import AttributionCheck, make_schedule
-from .adaptive import adafactor_step, adam_step, check_adafactor_layer, optimizer_rule
+from .adaptive import adafactor_step, adam_scalars, adam_step, bias_fit, check_adafactor_layer, optimizer_rule
 from .coefficients import StepRecord, coefficients
 from .distributed import detect, rank_spools, unwrap
 from .errors import RecorderError
@@ -348,7 +348,8 @@ class Recorder:
         self.layers = self._select_layers(layers)
         for layer in self.layers.values():
             if self.rule != "sgd" and layer.tie is not None:
-                raise RecorderError(f"layer {layer.name!r} shares its weight with {layer.tie!r}: tied weights are recorded "
+                other = next((o.name for o in self.layers.values() if o.tie == layer.tie and o is not layer), layer.tie)
+                raise RecorderError(f"layer {layer.name!r} shares its weight with {other!r}: tied weights are recorded "
                                     f"with SGD only; leave one use out with layers=[...]")
             if self.rule == "adafactor":
                 check_adafactor_layer(layer.name, layer.adapter, layer.params)
@@ -891,8 +892,9 @@ class Recorder:
         if bias_record is not None and bias_record.active:
             bgroup = layer.bias_group if layer.bias_group is not None else layer.group
             bias = layer.params[1]
-            b_eta, b_beta1, b_decay, _ = adam_step(layer.adapter, bgroup, self.optimizer.state[bias], bias.grad)
+            b_eta, b_beta1, b_decay = adam_scalars(bgroup, self.optimizer.state[bias])
             bias_record.lr, bias_record.momentum, bias_record.dampening, bias_record.weight_decay = b_eta, b_beta1, 0.0, b_decay
+            bias_record.precondition = bias_fit(layer.adapter, factors.value, self.optimizer.state[bias], bgroup, bias.grad)
         return factors
 
     def _commit_pending(self, strict: bool = True) -> None:

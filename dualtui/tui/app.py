@@ -9,7 +9,7 @@ from pathlib import Path
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, TabbedContent, TabPane
+from textual.widgets import Footer, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
 from ..engine.report import csv_text, ranking_dict
@@ -91,6 +91,11 @@ class DualtuiApp(App[None]):
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
+        from ..dual_form import label
+
+        approximate = label(self.open_run.bundle.manifest)
+        if approximate:  # on every tab: no number of this run is exact
+            yield Static(approximate, id="approximate-banner", markup=False)
         with TabbedContent(initial=self.start_view, id="views"):
             with TabPane("1 Overview", id="overview"):
                 yield OverviewPane(self.open_run, id="overview-pane")
@@ -109,10 +114,7 @@ class DualtuiApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        from ..dual_form import short_label
-
-        mark = short_label(self.open_run.bundle.manifest)
-        self.sub_title = str(self.open_run.bundle.path) + (f" · {mark}" if mark else "")
+        self.sub_title = str(self.open_run.bundle.path)
         self.compute()  # (its refresh starts the second item's spotlight too, with --compare)
         if self.start_view == "overview":
             self.query_one(OverviewPane).start_verify()

@@ -36,11 +36,14 @@ class LayersPane(RenderedPane):
                                    width, max_value=1.0))
             if approximate:
                 parts.append(Text(f"effective patterns {s.effective_patterns:,.1f} of {s.patterns:,} · APPROXIMATE: "
-                                  f"{s.residual_share:.0%} of the learned output term is not attributed", style="yellow"))
+                                  f"‖R q‖ not attributed to any pattern = {s.residual_share:.0%} of ‖(W_T − w0) q‖", style="yellow"))
             else:
                 parts.append(Text(f"effective patterns {s.effective_patterns:,.1f} of {s.patterns:,} · "
                                   f"primal−dual error {s.primal_dual_error:.1e}", style="dim"))
         # The legend once, not under every layer.
+        if self.run.bundle.manifest.approximate:
+            parts.append(Text("\nAPPROXIMATE: W_T q = w0 q + Σ α v + R q, where R = W_T − w0 − Σ v kᵀ is what the recorded "
+                              "patterns leave out (‖R q‖ not attributed to any pattern)", style="italic yellow"))
         parts.append(Text("\ninitial ‖w0 q + b0‖ and learned ‖Σ α v‖: the two terms of the layer's output (W_T q = w0 q + Σ α v) · "
                           "learned share = ‖Σ α v‖ / (‖w0 q + b0‖ + ‖Σ α v‖) · effective patterns = (Σ|α|)²/Σα², "
                           "how many patterns the attention is spread over · top-k share = share of Σ|α| in the k largest |α| · "

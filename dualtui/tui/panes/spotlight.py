@@ -74,7 +74,7 @@ class SpotlightPane(Horizontal):
         else:
             s = spot.summary
             if self.run.bundle.manifest.approximate:  # the ranking covers only what the patterns explain
-                header.append(f"\nAPPROXIMATE · not attributed to any pattern: {s.residual_share:.0%} of the learned output",
+                header.append(f"\nAPPROXIMATE · not attributed to any pattern: ‖R q‖ = {s.residual_share:.0%} of ‖(W_T − w0) q‖",
                               style="bold yellow")
                 header.append(f" · {s.patterns:,} patterns · learned {s.learned_share:.0%} · "
                               f"effective {s.effective_patterns:,.0f}", style="dim")
