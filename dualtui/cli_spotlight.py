@@ -261,7 +261,7 @@ def mass_json(bundle: Any, layers: list[str], test: int, device: Any, queries: O
     from .engine.spotlight import spotlights
 
     tasks, classes = bundle.manifest.tasks, bundle.manifest.classes
-    task_rows, class_rows, step_rows = [], [], []
+    task_rows, class_rows, step_rows, unattributed = [], [], [], []
     for L in layers:
         res = spotlights(bundle, L, [test], groups=[], by=[], summary=False, masses=True, device=device, queries=queries)[0]
         ms = res.masses
@@ -278,7 +278,31 @@ def mass_json(bundle: Any, layers: list[str], test: int, device: Any, queries: O
             step_rows.append({"layer": L, "bin": i, "step_start": int(ms.step_edges[i]), "step_end": int(ms.step_edges[i + 1]),
                               "attention_sum": float(ms.step_attention_sum[i]), "abs_sum": float(ms.step_abs_sum[i]),
                               "abs_share": float(ms.step_abs_sum[i] / total), "effect_sum": float(ms.step_effect_sum[i])})
-    return {"queries": bundle.queries(queries).name, "test": test, "tasks": task_rows, "classes": class_rows, "steps": step_rows}
+        if ms.unattributed_effect is not None:
+            unattributed.append({"layer": L, "effect_sum": ms.unattributed_effect})
+    d = {"queries": bundle.queries(queries).name, "test": test, "tasks": task_rows, "classes": class_rows, "steps": step_rows}
+    if bundle.manifest.approximate:  # the residual's effect, which no task, class or step holds
+        d["not_attributed"] = unattributed
+    return d
+
+
+NOT_ATTRIBUTED = "not attributed"
+
+
+def _with_not_attributed(rows: list[dict], d: dict, key: str) -> list[dict]:
+    """The table's rows with, after each layer's, the residual's row of an approximate bundle:
+    no attention, its effect on the target logit, so the Σeffect column adds up to what each
+    layer learned and nothing is silently dropped."""
+    extra = {r["layer"]: r for r in d.get("not_attributed", [])}
+    if not extra:
+        return rows
+    out: list[dict] = []
+    for i, r in enumerate(rows):
+        out.append(r)
+        if i + 1 == len(rows) or rows[i + 1]["layer"] != r["layer"]:
+            if r["layer"] in extra:
+                out.append({"layer": r["layer"], key: NOT_ATTRIBUTED, "residual": True, "effect_sum": extra[r["layer"]]["effect_sum"]})
+    return out
 
 
 @app.command()
@@ -304,7 +328,8 @@ def mass(
         return
     if as_csv:
         _write_csv([{"kind": "task", **r} for r in d["tasks"]] + [{"kind": "class", **r} for r in d["classes"]]
-                   + [{"kind": "step", **r} for r in d["steps"]])
+                   + [{"kind": "step", **r} for r in d["steps"]]
+                   + [{"kind": "not_attributed", **r} for r in d.get("not_attributed", [])])
         return
 
     from .engine.text import labels_are_tokens
@@ -318,15 +343,17 @@ def mass(
         if text and kind == "classes":  # a vocabulary is long: the 10 next tokens with most mass per layer
             rows = [r for L in layers for r in sorted((r for r in rows if r["layer"] == L), key=lambda r: -r["abs_sum"])[:10]]
             title += " (top 10 per layer; --json has all)"
+        rows = _with_not_attributed(rows, d, key)
+        cell = lambda r, f: "-" if r.get("residual") else f(r)  # noqa: E731 (the residual has no attention)
         _print_table(out, [Col("layer", [r["layer"] for r in rows]),
-                           Col(label, [visible(r[key], alone=True) if text else r[key] for r in rows]),
-                           Col("Σα", [_fmt(r["attention_sum"]) for r in rows], numeric=True, drop=1),
-                           Col("Σ|α|", [_fmt(r["abs_sum"]) for r in rows], numeric=True),
-                           Col("share of Σ|α|", [f"{r['abs_share']:.1%}" for r in rows], numeric=True),
+                           Col(label, [r[key] if r.get("residual") or not text else visible(r[key], alone=True) for r in rows]),
+                           Col("Σα", [cell(r, lambda r: _fmt(r["attention_sum"])) for r in rows], numeric=True, drop=1),
+                           Col("Σ|α|", [cell(r, lambda r: _fmt(r["abs_sum"])) for r in rows], numeric=True),
+                           Col("share of Σ|α|", [cell(r, lambda r: f"{r['abs_share']:.1%}") for r in rows], numeric=True),
                            Col("Σeffect", [_fmt(r["effect_sum"]) for r in rows], numeric=True)], title=title)
     # Over training time: which part of training the prediction draws on (continual learning:
     # which task's phase), with each bin's steps, and the task phases when the run has them.
-    rows = d["steps"]
+    rows = _with_not_attributed(d["steps"], d, "steps")
     phases = b.manifest.training.get("task_phases") if isinstance(b.manifest.training.get("task_phases"), list) else None
 
     def phase_of(r: dict) -> str:
@@ -336,14 +363,17 @@ def mass(
                  if isinstance(ph, list) and len(ph) == 2 and ph[0] < r["step_end"] and r["step_start"] < ph[1]]
         return ", ".join(names)
 
+    cell = lambda r, f: "-" if r.get("residual") else f(r)  # noqa: E731
     cols = [Col("layer", [r["layer"] for r in rows]),
-            Col("steps", [f"{r['step_start']}–{r['step_end'] - 1}" if r["step_end"] > r["step_start"] else "-" for r in rows],
+            Col("steps", [r["steps"] if r.get("residual") else
+                          f"{r['step_start']}–{r['step_end'] - 1}" if r["step_end"] > r["step_start"] else "-" for r in rows],
                 numeric=True),
-            *([Col("task phase", [phase_of(r) for r in rows], drop=1)] if phases else []),
-            Col("Σ|α|", [_fmt(r["abs_sum"]) for r in rows], numeric=True),
-            Col("share of Σ|α|", [f"{r['abs_share']:.1%}" for r in rows], numeric=True),
+            *([Col("task phase", [cell(r, phase_of) for r in rows], drop=1)] if phases else []),
+            Col("Σ|α|", [cell(r, lambda r: _fmt(r["abs_sum"])) for r in rows], numeric=True),
+            Col("share of Σ|α|", [cell(r, lambda r: f"{r['abs_share']:.1%}") for r in rows], numeric=True),
             Col("Σeffect", [_fmt(r["effect_sum"]) for r in rows], numeric=True)]
-    _print_table(out, cols, title=f"test {m}: attention mass over training steps ({len(rows) // max(len(layers), 1)} bins per layer)")
+    bins = len(d["steps"]) // max(len(layers), 1)
+    _print_table(out, cols, title=f"test {m}: attention mass over training steps ({bins} bins per layer)")
 
 
 # ----------------------------------------------------------------------------- layers

@@ -314,6 +314,38 @@ def test_adam_bundle_is_never_called_exact(tmp_path: Path) -> None:
     assert all(r["residual_share"] > 1e-3 for r in layers)
 
 
+def test_adam_mass_has_the_residual_effect_as_its_own_row(tmp_path: Path) -> None:
+    """`mass`: the effect no pattern is attributed, Σ_r g_r · (R q_r + R_b), recomputed here
+    from the stored tensors and the model's weights; with it the Σeffect column adds up to the
+    first-order change of the target logit the layer learned."""
+    path, model = _adam_run(tmp_path)
+    t = load_file(str(path))
+    params = dict(model.named_parameters())
+    for test in (0, 3):
+        d = json.loads(dualtui("mass", "-t", test, str(path), "--json").stdout)
+        by_layer = {r["layer"]: r["effect_sum"] for r in d["not_attributed"]}
+        for layer in ("0", "2"):
+            W, b = params[f"{layer}.weight"].detach().numpy(), params[f"{layer}.bias"].detach().numpy()
+            w0, b0 = t[f"layer/{layer}/w0"], t[f"layer/{layer}/b0"]
+            v, k, step = t[f"layer/{layer}/values"], t[f"layer/{layer}/keys"], t[f"layer/{layer}/step"]
+            scale = t[f"layer/{layer}/bias_scale"][step]
+            mine = t[f"queries/test/layer/{layer}/item"] == test
+            q, g = t[f"queries/test/layer/{layer}/query"][mine], t[f"queries/test/layer/{layer}/grad"][mine]
+            R, Rb = W - w0 - v.T @ k, b - b0 - scale @ v
+            expected = float(sum(gr @ (R @ qr + Rb) for qr, gr in zip(q, g)))
+            assert by_layer[layer] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+            learned = float(sum(gr @ ((W - w0) @ qr + b - b0) for qr, gr in zip(q, g)))
+            tasks = sum(r["effect_sum"] for r in d["tasks"] if r["layer"] == layer)
+            assert tasks + by_layer[layer] == pytest.approx(learned, rel=1e-6, abs=1e-12)
+    table = dualtui("mass", "-t", "0", str(path)).stdout
+    assert table.count("not attributed") >= 2 * 3  # a row per layer in the task, class and step tables
+    exact = tmp_path / "sgd.safetensors"
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    _train(m, torch.optim.SGD(m.parameters(), lr=0.1), exact, 5, inputs=torch.randn(32, 6), labels=torch.randint(0, 3, (32,)))
+    assert "not_attributed" not in json.loads(dualtui("mass", "-t", "0", str(exact), "--json").stdout)
+
+
 def test_version_3_needs_dual_form_and_approximate_needs_version_3(tmp_path: Path) -> None:
     from dualtui.bundle.errors import BundleError
     from dualtui.bundle.manifest import parse_manifest
@@ -354,6 +386,10 @@ def test_app_marks_an_approximate_bundle(tmp_path: Path) -> None:
             await pilot.pause()
             text = app.query_one(LayersPane).build(app.state).renderables
             assert any("not attributed" in str(getattr(r, "plain", r)) for r in text)
+            await pilot.press("5")  # Tasks: the residual's effect beside the mass over training steps
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert "not attributed to any pattern" in str(app.query_one("#tasks-head").render())
             await pilot.press("1")
             app.query_one("OverviewPane").start_verify()
             await app.workers.wait_for_complete()

@@ -245,3 +245,21 @@ def focus_outputs(spec: LayerSpec, weight: np.ndarray, bias: np.ndarray | None, 
         count = np.maximum(np.bincount(rows.item, minlength=M), 1)[:, None]
         out[~has] = (sums / count)[~has]
     return out
+
+
+def learned_change_effect(spec: LayerSpec, change: np.ndarray, bias_change: np.ndarray | None, rows: QueryRows) -> np.ndarray:
+    """[M] float64: Σ_r g_r · ((W − w0) q_r + (b − b0)) for each item, from the weights alone:
+    the first-order change of the target logit that everything learned at this layer made. In an
+    exact bundle the patterns' effects add up to it; in an approximate one the difference is the
+    effect no pattern is attributed (the residual's)."""
+    M = len(rows.focus)
+    g = np.asarray(rows.grad, dtype=np.float64)
+    if spec.kind == "embedding":
+        per_row = change[np.asarray(rows.query, dtype=np.int64)]
+    elif spec.kind == "elementwise":  # y = γ ⊙ x̂ + β
+        per_row = np.asarray(rows.query, dtype=np.float64) * change[None, :]
+    else:
+        per_row = np.asarray(rows.query, dtype=np.float64) @ change.T
+    if bias_change is not None:
+        per_row = per_row + bias_change
+    return np.bincount(rows.item, weights=(per_row * g).sum(1), minlength=M)

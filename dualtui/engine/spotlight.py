@@ -20,7 +20,7 @@ import torch
 
 from ..bundle.queries import QueryRows
 from ..bundle.reader import Bundle
-from .queryrows import ItemQueries, exact_scores, focus_outputs, item_rows, refocus
+from .queryrows import ItemQueries, exact_scores, focus_outputs, item_rows, learned_change_effect, refocus
 from .curve import MAX_CURVE_ENTRIES, Curve, sorted_curve
 from .stream import block_rows, ProductGuard, compute_dtype, gather_rows, pick_device, stream_blocks
 from .text import NextTokens, labels_are_tokens, next_tokens, position_span
@@ -76,6 +76,10 @@ class Masses:
     step_attention_sum: np.ndarray
     step_abs_sum: np.ndarray
     step_effect_sum: np.ndarray
+    # Approximate bundles: Σ_r g_r · (R q_r), the effect of the residual R = W_T − w0 − Σ v kᵀ on
+    # the target logit, which no task, class or step holds (None in an exact bundle, where it is
+    # rounding). With it, the Σeffect columns add up to what the layer learned.
+    unattributed_effect: float | None = None
 
     @property
     def abs_total(self) -> float:
@@ -333,11 +337,14 @@ def _spotlight_batch(bundle: Bundle, layer: str, qs, tests: list[int], top: int,
     if want_masses:
         edges = np.array([(b * steps_total + step_bins - 1) // step_bins for b in range(step_bins + 1)], dtype=np.int64)
         host = {key: t.cpu().numpy() for key, t in mass.items()}
+        unattributed = (_learned_change_effects(bundle, layer, qrows) - host[("task", "effect")].sum(0)
+                        if bundle.manifest.approximate else None)
         for j, res in enumerate(results):
             res.masses = Masses(
                 host[("task", "attention")][:, j], host[("task", "abs")][:, j], host[("task", "effect")][:, j],
                 host[("class", "attention")][:, j], host[("class", "abs")][:, j], host[("class", "effect")][:, j],
                 edges, host[("step", "attention")][:, j], host[("step", "abs")][:, j], host[("step", "effect")][:, j],
+                None if unattributed is None else float(unattributed[j]),
             )
     if pattern_topk:
         _fill_pattern_ranks(bundle, layer, results, pattern_topk, qrows)
@@ -409,6 +416,14 @@ def _fill_summaries(bundle: Bundle, layer: str, results: list[Spotlight], qrows:
         )
         change = float(np.linalg.norm(primal[j] - initial[j]))
         res.summary.residual_share = res.summary.residual_norm / change if change > 0 else 0.0
+
+
+def _learned_change_effects(bundle: Bundle, layer: str, qrows: QueryRows) -> np.ndarray:
+    spec = bundle.layer_spec(layer)
+    change = bundle.array(f"layer/{layer}/weight").astype(np.float64) - bundle.array(f"layer/{layer}/w0").astype(np.float64)
+    bias_change = (bundle.array(f"layer/{layer}/bias").astype(np.float64) - bundle.array(f"layer/{layer}/b0").astype(np.float64)
+                   if spec.bias else None)
+    return learned_change_effect(spec, change, bias_change, qrows)
 
 
 def pattern_scores(bundle: Bundle, layer: str, patterns: np.ndarray, q: np.ndarray, g: np.ndarray,

@@ -8,6 +8,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Static
 
+from ...units import num
 from ..state import ViewState
 from ..widgets.mass_plot import MassOverTime
 from .base import RenderedPane
@@ -39,6 +40,9 @@ class TasksPane(RenderedPane):
                 head.append("\n" + " · ".join(f"{task} from step {start}" for start, task in phases), style="yellow")
                 head.append(" (yellow lines)", style="dim")
             plots.show(spot.masses, self.run.task_boundaries())
+            if spot.masses.unattributed_effect is not None:  # approximate: what no step holds, beside the plot
+                head.append(f"\nnot attributed to any pattern (approximate dual form): effect {num(spot.masses.unattributed_effect)} "
+                            "on the target logit, in no step bin", style="yellow")
         self.query_one("#tasks-head", Static).update(head)
         super().update_view(state)
 
