@@ -169,7 +169,7 @@ _CAPTUM_CHILD = textwrap.dedent(r"""
         d = torch.load(path)
         model.load_state_dict(d["model_state_dict"])
         return float(d["learning_rate"])
-    data = load_digits_split(setting, seed)
+    data = load_digits_split(setting)  # the split record_digits uses (fixed)
     model = DigitsMLP().eval()
     tr = TracInCPFast(model, "net.4", torch.utils.data.TensorDataset(data.x_train, data.y_train), ckpts,
                       checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
@@ -231,7 +231,7 @@ def main() -> None:
         res["checkpoints"] = ckpt_info
         res["bundle_bytes"] = bundle_path.stat().st_size
         res["checkpoint_bytes"] = sum(Path(p).stat().st_size for p in ckpts)
-        data = load_digits_split(args.setting, args.seed)
+        data = load_digits_split(args.setting)
         N, M = len(data.y_train), len(data.y_test)
         res["train_size"], res["test_size"] = N, M
         print(f"   {t_train:.2f} s; bundle {res['bundle_bytes'] / 1e6:.2f} MB, {len(ckpts)} checkpoints "

@@ -110,7 +110,7 @@ def _score_cols(by: str, rows: list[dict], names: tuple[str, ...]) -> list[Col]:
 
 
 def _print_table(out: Any, cols: list[Col], **kw: Any) -> None:
-    t, left = rich_table(cols, out.width if out.is_terminal else None, **kw)
+    t, left = rich_table(cols, out.width, **kw)  # piped: 240 columns, past them columns drop with a note
     out.print(t)
     if left:
         score = next((c for c in cols if c.header == "score"), None)
@@ -524,10 +524,19 @@ def influence(
 
 
 # ----------------------------------------------------------------------------- votes
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _ratio(x: Any) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 @app.command()
 @handles_errors
 def votes(
-    bundle: Path = BUNDLE_ARG,
+    bundles: list[Path] = typer.Argument(..., help="One bundle, or several runs of the same setting (e.g. seeds) for "
+                                         "mean ± std per layer."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="One layer (default: every layer)."),
     queries: Optional[str] = QUERIES_OPT,
     device: Device = DEVICE_OPT,
@@ -538,22 +547,40 @@ def votes(
 
     A layer's vote is the training class with the largest Σ|α| (the paper's sum-vote); it is
     compared with the true label and with the model's prediction (agreement rates and a 2×2
-    table). Beside it, the frequency-normalised vote: the class with the largest mean |α| per
-    pattern (Σ|α| divided by the class's number of patterns).
+    table), over all items and split into the items the model gets right and those it gets
+    wrong. Peakedness: mean ÷ std of Σ|α| over the classes (lower: attention more peaked on
+    a few classes), averaged over the right and the wrong items. Beside it, the
+    frequency-normalised vote: the class with the largest mean |α| per pattern.
+
+    Several bundles (runs of one setting with different seeds): every metric's mean ± sample
+    standard deviation over the runs, per layer. The runs must have the same layers and the
+    same query set.
     """
-    from .engine.votes import layer_votes
+    from .engine.votes import across_runs, layer_votes
 
     _check_formats(as_json, as_csv)
-    b = _open(bundle)
+    opened = [_open(p) for p in bundles]
+    b = opened[0]
     qname = _queries(b, queries)
     names = [_layer(b, layer)] if layer else b.manifest.layer_names
+    for p, other in zip(bundles[1:], opened[1:]):
+        if _queries(other, qname) != qname or other.queries(qname).size != b.queries(qname).size:
+            raise UsageError(f"{p}: query set {qname!r} has {other.queries(qname).size} items, "
+                             f"{bundles[0]} has {b.queries(qname).size}: votes over runs need the same query set")
+        missing = [L for L in names if L not in other.manifest.layer_names]
+        if missing:
+            raise UsageError(f"{p}: no layer {missing[0]!r} (runs to average must have the same layers)")
     dev = _device(device)
-    rows = [layer_votes(b, L, dev, queries=qname).to_json() for L in names]
+    runs = [[layer_votes(o, L, dev, queries=qname).to_json() for L in names] for o in opened]
+    if len(runs) > 1:
+        _votes_over_runs(bundles, runs, across_runs(runs), qname, b, as_json, as_csv)
+        return
+    rows = runs[0]
     if as_json:
         _emit_json({"queries": qname, "layers": rows})
         return
     if as_csv:
-        _write_csv([{**{k: v for k, v in r.items() if k != "table"}, **r["table"]} for r in rows])
+        _write_csv([_flat_votes(r) for r in rows])
         return
     title = f"{b.queries(qname).size} test items" if qname == "test" else f"{b.queries(qname).size} items of query set {qname!r}"
     out = _stdout()
@@ -561,12 +588,57 @@ def votes(
         Col("layer", [r["layer"] for r in rows]),
         Col("vote = label", [f"{r['label_agreement']:.1%}" for r in rows], numeric=True),
         Col("vote = prediction", [f"{r['prediction_agreement']:.1%}" for r in rows], numeric=True),
-        Col("normalised = label", [f"{r['normalised_label_agreement']:.1%}" for r in rows], numeric=True, drop=1),
-        Col("normalised = prediction", [f"{r['normalised_prediction_agreement']:.1%}" for r in rows], numeric=True, drop=1),
         Col("model accuracy", [f"{r['model_accuracy']:.1%}" for r in rows], numeric=True),
-        Col("vote ✓ model ✓", [str(r["table"]["vote_right_model_right"]) for r in rows], numeric=True, drop=2),
-        Col("vote ✓ model ✗", [str(r["table"]["vote_right_model_wrong"]) for r in rows], numeric=True, drop=2),
-        Col("vote ✗ model ✓", [str(r["table"]["vote_wrong_model_right"]) for r in rows], numeric=True, drop=2),
-        Col("vote ✗ model ✗", [str(r["table"]["vote_wrong_model_wrong"]) for r in rows], numeric=True, drop=2)], title=title)
-    out.print("vote: the training class with the largest Σ|α| (the paper's); normalised: the largest mean |α| per "
-              "pattern of the class (Σ|α| ÷ its pattern count), which a frequent class cannot win by numbers alone", style="dim")
+        Col("right: vote = label", [_pct(r["correct"]["label_agreement"]) for r in rows], numeric=True, drop=1),
+        Col("wrong: vote = label", [_pct(r["misclassified"]["label_agreement"]) for r in rows], numeric=True, drop=1),
+        Col("wrong: vote = prediction", [_pct(r["misclassified"]["prediction_agreement"]) for r in rows], numeric=True, drop=1),
+        Col("peakedness right / wrong", [f"{_ratio(r['peakedness']['correct'])} / {_ratio(r['peakedness']['misclassified'])}"
+                                        for r in rows], numeric=True, drop=2),
+        Col("normalised = label", [f"{r['normalised_label_agreement']:.1%}" for r in rows], numeric=True, drop=3),
+        Col("normalised = prediction", [f"{r['normalised_prediction_agreement']:.1%}" for r in rows], numeric=True, drop=3)], title=title)
+    out.print("vote: the training class with the largest Σ|α| (the paper's); right / wrong: the items the model classifies "
+              "correctly / not; peakedness: mean ÷ std of Σ|α| over classes (lower: more peaked); normalised: the largest "
+              "mean |α| per pattern of the class (Σ|α| ÷ its pattern count), which a frequent class cannot win by numbers "
+              "alone; --json and --csv add the 2×2 counts", style="dim")
+
+
+def _flat_votes(r: dict) -> dict:
+    flat = {k: v for k, v in r.items() if k not in ("table", "correct", "misclassified", "peakedness")}
+    flat.update(r["table"])
+    for split in ("correct", "misclassified"):
+        flat.update({f"{split}_{k}": v for k, v in r[split].items()})
+    flat.update({f"peakedness_{k}": v for k, v in r["peakedness"].items()})
+    return flat
+
+
+def _votes_over_runs(paths: list[Path], runs: list[list[dict]], summary: list[dict], qname: str, b: Any,
+                     as_json: bool, as_csv: bool) -> None:
+    if as_json:
+        _emit_json({"queries": qname, "runs": [str(p) for p in paths], "layers": summary,
+                    "per_run": [{"bundle": str(p), "layers": rows} for p, rows in zip(paths, runs)]})
+        return
+    if as_csv:
+        _write_csv([{"layer": r["layer"], "runs": r["runs"],
+                     **{f"{m}_{k}": v[k] for m, v in r.items() if isinstance(v, dict) for k in ("mean", "std", "n")}}
+                    for r in summary])
+        return
+
+    def pm(r: dict, m: str, pct: bool = True) -> str:
+        v = r[m]
+        if v["mean"] is None:
+            return "-"
+        return f"{v['mean']:.1%} ± {v['std']:.1%}" if pct else f"{v['mean']:.3g} ± {v['std']:.2g}"
+
+    out = _stdout()
+    _print_table(out, [
+        Col("layer", [r["layer"] for r in summary]),
+        Col("vote = label", [pm(r, "label_agreement") for r in summary], numeric=True),
+        Col("vote = prediction", [pm(r, "prediction_agreement") for r in summary], numeric=True),
+        Col("model accuracy", [pm(r, "model_accuracy") for r in summary], numeric=True),
+        Col("right: vote = label", [pm(r, "correct.label_agreement") for r in summary], numeric=True, drop=1),
+        Col("wrong: vote = label", [pm(r, "misclassified.label_agreement") for r in summary], numeric=True, drop=1),
+        Col("wrong: vote = prediction", [pm(r, "misclassified.prediction_agreement") for r in summary], numeric=True, drop=1),
+        Col("peakedness right", [pm(r, "peakedness.correct", False) for r in summary], numeric=True, drop=2),
+        Col("peakedness wrong", [pm(r, "peakedness.misclassified", False) for r in summary], numeric=True, drop=2)],
+        title=f"{len(paths)} runs, {b.queries(qname).size} items of query set {qname!r} each: mean ± std over runs")
+    out.print("std: the sample standard deviation over the runs (ddof 1); per-run figures: --json", style="dim")

@@ -216,7 +216,17 @@ def brute_votes(bf: Brute, L: str) -> dict:
             "normalised_prediction_agreement": (norm_vote == bf.test_prediction).mean(),
             "prediction_agreement": (vote == bf.test_prediction).mean(), "model_accuracy": model_right.mean(),
             "table": {"vote_right_model_right": int((right & model_right).sum()), "vote_right_model_wrong": int((right & ~model_right).sum()),
-                      "vote_wrong_model_right": int((~right & model_right).sum()), "vote_wrong_model_wrong": int((~right & ~model_right).sum())}}
+                      "vote_wrong_model_right": int((~right & model_right).sum()), "vote_wrong_model_wrong": int((~right & ~model_right).sum())},
+            **{name: {"items": int(m.sum()), "label_agreement": right[m].mean() if m.any() else None,
+                      "prediction_agreement": (vote == bf.test_prediction)[m].mean() if m.any() else None}
+               for name, m in (("correct", model_right), ("misclassified", ~model_right))},
+            "peakedness": {name: _peak(class_abs, m) for name, m in (("correct", model_right), ("misclassified", ~model_right))}}
+
+
+def _peak(class_abs: np.ndarray, mask: np.ndarray) -> float | None:
+    std = class_abs.std(axis=0)
+    x = (class_abs.mean(axis=0)[std > 0] / std[std > 0])[mask[std > 0]]
+    return float(x.mean()) if len(x) else None
 
 
 def assert_votes(got: dict, want: dict) -> None:
@@ -227,6 +237,10 @@ def assert_votes(got: dict, want: dict) -> None:
     for k in ("label_agreement", "prediction_agreement", "model_accuracy", "normalised_label_agreement",
               "normalised_prediction_agreement"):
         assert got[k] == pytest.approx(want[k]), k
+    for split in ("correct", "misclassified"):
+        assert got[split] == pytest.approx(want[split]), split
+        # mean ÷ std amplifies the float32 rounding of α by the ratio itself (65 in the text run)
+        assert got["peakedness"][split] == pytest.approx(want["peakedness"][split], rel=1e-4), split
 
 
 @pytest.mark.parametrize("family", ["mlp", "text", "lm"])
@@ -245,10 +259,13 @@ def test_votes_json_matches_brute_force(runs, family) -> None:
     assert one["layers"] == [d["layers"][-1]]
     rows = cli_csv("votes", path)
     for row, r in zip(rows, d["layers"]):
-        flat = {**{k: v for k, v in r.items() if k != "table"}, **r["table"]}
+        nested = ("table", "correct", "misclassified", "peakedness")
+        flat = {**{k: v for k, v in r.items() if k not in nested}, **r["table"],
+                **{f"{s}_{k}": v for s in ("correct", "misclassified") for k, v in r[s].items()},
+                **{f"peakedness_{k}": v for k, v in r["peakedness"].items()}}
         assert set(row) == set(flat)
         for k, v in flat.items():
-            assert (float(row[k]) == v) if isinstance(v, float) else (row[k] == str(v)), k
+            assert (float(row[k]) == v) if isinstance(v, float) else (row[k] == ("" if v is None else str(v))), k
     assert f"{N_TEST} test items" in cli("votes", path).stdout
 
 

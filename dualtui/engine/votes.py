@@ -33,6 +33,14 @@ class LayerVotes:
     vote_normalised: np.ndarray | None = None  # [M]
     normalised_label_agreement: float = 0.0
     normalised_prediction_agreement: float = 0.0
+    # The paper's split: agreement among the items the model gets right and among those it
+    # gets wrong (there the vote can side with the label or with the wrong prediction).
+    correct: dict | None = None  # {"items", "label_agreement", "prediction_agreement"}
+    misclassified: dict | None = None
+    # How peaked each item's class attention is: mean ÷ std of Σ|α| over the classes (the
+    # paper's statistic; lower is more peaked), averaged over the correct and the wrong items.
+    peakedness_correct: float | None = None
+    peakedness_misclassified: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -45,7 +53,46 @@ class LayerVotes:
                       "vote_wrong_model_right": self.table[1][0], "vote_wrong_model_wrong": self.table[1][1]},
             "normalised_label_agreement": self.normalised_label_agreement,
             "normalised_prediction_agreement": self.normalised_prediction_agreement,
+            "correct": self.correct,
+            "misclassified": self.misclassified,
+            "peakedness": {"correct": self.peakedness_correct, "misclassified": self.peakedness_misclassified},
         }
+
+
+METRICS = ("label_agreement", "prediction_agreement", "model_accuracy", "normalised_label_agreement",
+           "normalised_prediction_agreement", "correct.label_agreement", "misclassified.label_agreement",
+           "misclassified.prediction_agreement", "peakedness.correct", "peakedness.misclassified")
+
+
+def metric(row: dict, name: str) -> float | None:
+    """A metric of a layer's votes JSON by dotted name (None where a split has no items)."""
+    value: object = row
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return None if value is None else float(value)
+
+
+def across_runs(runs: list[list[dict]]) -> list[dict]:
+    """Per layer: each metric's mean and sample standard deviation (ddof 1; 0 for one run)
+    over the runs that define it, like the paper's table over seeds."""
+    out = []
+    for j, first in enumerate(runs[0]):
+        row: dict = {"layer": first["layer"], "runs": len(runs)}
+        for name in METRICS:
+            xs = np.array([x for r in runs if (x := metric(r[j], name)) is not None], dtype=np.float64)
+            row[name] = {"mean": float(xs.mean()) if len(xs) else None,
+                         "std": float(xs.std(ddof=1)) if len(xs) > 1 else (0.0 if len(xs) else None), "n": int(len(xs))}
+        out.append(row)
+    return out
+
+
+def peakedness(class_abs: np.ndarray) -> np.ndarray:
+    """[M]: mean ÷ std over the classes of each item's Σ|α| (population std; inf for an item
+    whose classes all got the same mass)."""
+    mean = class_abs.mean(axis=0)
+    std = class_abs.std(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(std > 0, mean / np.where(std > 0, std, 1.0), np.inf)
 
 
 def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto", query_batch: int = 4096,
@@ -101,8 +148,20 @@ def layer_votes(bundle: Bundle, layer: str, device: str | torch.device = "auto",
     # Classes without patterns cannot be voted for (their mean is undefined, not zero).
     per_pattern = np.where(counts[:, None] > 0, class_abs / np.maximum(counts, 1)[:, None], -np.inf)
     vote_n = per_pattern.argmax(axis=0) if M else np.zeros(0, dtype=np.int64)
+    peaked = peakedness(class_abs) if M else np.zeros(0)
+
+    def split(mask: np.ndarray) -> dict:
+        n = int(mask.sum())
+        return {"items": n, "label_agreement": mean(vote_right[mask]) if n else None,
+                "prediction_agreement": mean((vote == pred)[mask]) if n else None}
+
+    def finite_mean(mask: np.ndarray) -> float | None:
+        x = peaked[mask & np.isfinite(peaked)]
+        return float(x.mean()) if len(x) else None
+
     return LayerVotes(layer, M, vote, class_abs, mean(vote_right), mean(vote == pred), mean(model_right), table,
-                      counts, vote_n, mean(vote_n == label), mean(vote_n == pred))
+                      counts, vote_n, mean(vote_n == label), mean(vote_n == pred),
+                      split(model_right), split(~model_right), finite_mean(model_right), finite_mean(~model_right))
 
 
 def _needs_all_rows(qs, layer: str) -> bool:

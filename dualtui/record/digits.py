@@ -24,13 +24,17 @@ TWO_TASKS = ["digits 0-4", "digits 5-9"]
 
 
 class DigitsMLP(nn.Module):
-    def __init__(self, hidden: int = 32, bias: bool = True):
+    def __init__(self, hidden: int = 32, bias: bool = True, in_features: int = 64, init_scale: float = 1.0):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(64, hidden, bias=bias), nn.ReLU(),
+            nn.Linear(in_features, hidden, bias=bias), nn.ReLU(),
             nn.Linear(hidden, hidden, bias=bias), nn.ReLU(),
             nn.Linear(hidden, 10, bias=bias),
         )
+        if init_scale != 1.0:  # the pseudo-kernel question: how the initial weights' scale shapes what is learned
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.mul_(init_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -47,10 +51,13 @@ class DigitsData:
     task_test: torch.Tensor
     img_test: np.ndarray
     tasks: list[str]
+    continual: bool = False  # train the tasks one after the other (task 0, then task 1, ...)
 
 
 def load_digits_split(setting: str, seed: int = 0, test_fraction: float = 0.2) -> DigitsData:
-    """The 1,797 digits, split once (stratified, fixed seed) into train and test."""
+    """The 1,797 digits, split once (stratified, `seed` 0 unless asked) into train and test.
+    `record_digits` always uses seed 0, so runs with different seeds (votes over seeds,
+    compare) share their test items."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -70,8 +77,10 @@ def load_digits_split(setting: str, seed: int = 0, test_fraction: float = 0.2) -
 
 def batch_schedule(setting: str, tasks: torch.Tensor, epochs: int, batch_size: int, gen: torch.Generator) -> tuple[list[torch.Tensor], list[int]]:
     """The example ids of every minibatch in training order, and the step count at the end
-    of each epoch (of each task's epochs, in `continual`)."""
-    phases = [torch.arange(len(tasks))] if setting != "continual" else [torch.nonzero(tasks == k).flatten() for k in (0, 1)]
+    of each epoch (of each task's epochs, in a continual setting)."""
+    n_tasks = int(tasks.max()) + 1 if len(tasks) else 1
+    phases = ([torch.arange(len(tasks))] if not setting.endswith("continual")
+              else [torch.nonzero(tasks == k).flatten() for k in range(n_tasks)])
     batches: list[torch.Tensor] = []
     epoch_ends: list[int] = []
     for pool in phases:
@@ -112,6 +121,8 @@ def record_digits(
     journal_every: int = 1024,
     optimizer: str = "sgd",
     bias: bool | None = None,
+    init_scale: float = 1.0,
+    train_queries: int = 0,
 ) -> DigitsResult:
     """Train on digits (recording the dual form unless record=False) and write the bundle.
 
@@ -120,15 +131,62 @@ def record_digits(
     """
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+    data = load_digits_split(setting)  # one fixed split: runs of any seed answer for the same test items
+    data.continual = setting == "continual"
+    command = (f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"
+               + (f" --optimizer {optimizer}" if optimizer != "sgd" else "")
+               + (f" --init-scale {init_scale:g}" if init_scale != 1.0 else "")
+               + (f" --train-queries {train_queries}" if train_queries else ""))
+    return train_image_classifier(
+        out, data, setting, name="digits", dataset="sklearn digits 8x8", shape=[8, 8], command=command,
+        epochs=epochs, hidden=hidden, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        clip_norm=clip_norm, storage_dtype=storage_dtype, seed=seed, record=record, on_step=on_step, on_epoch=on_epoch,
+        check_attribution=check_attribution, journal_every=journal_every, optimizer=optimizer, bias=bias,
+        init_scale=init_scale, train_queries=train_queries)
+
+
+def train_image_classifier(
+    out: str | Path,
+    data: DigitsData,
+    setting: str,
+    *,
+    name: str,
+    dataset: str,
+    shape: list[int],
+    command: str,
+    epochs: int,
+    hidden: int,
+    batch_size: int,
+    lr: float | None,
+    momentum: float,
+    weight_decay: float,
+    clip_norm: float | None,
+    storage_dtype: str,
+    seed: int,
+    record: bool,
+    on_step: Callable[[int, int], None] | None,
+    on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None,
+    check_attribution: bool,
+    journal_every: int,
+    optimizer: str,
+    bias: bool | None,
+    init_scale: float = 1.0,
+    train_queries: int = 0,
+    extra: dict | None = None,
+) -> DigitsResult:
+    """The built-in image experiments (digits, MNIST): an MLP in→H→H→10 trained on `data`
+    (tasks one after the other when data.continual), recorded unless record=False. With
+    `train_queries` N, N training examples (a fixed, class-stratified draw) are recorded as the
+    query set "train" beside the test set."""
     torch.manual_seed(seed)
-    data = load_digits_split(setting, seed)
     lr = lr if lr is not None else EXPERIMENT_LR.get(optimizer, 0.05)
     bias = optimizer != "adafactor" if bias is None else bias  # Adafactor is exact for bias-free layers
-    model = DigitsMLP(hidden, bias=bias)
+    model = DigitsMLP(hidden, bias=bias, in_features=int(np.prod(shape)), init_scale=init_scale)
     opt = experiment_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    batches, epoch_ends = batch_schedule(setting, data.task_train, epochs, batch_size, gen)
+    batches, epoch_ends = batch_schedule("continual" if data.continual else "single", data.task_train, epochs, batch_size, gen)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(batches), eta_min=lr * 0.1)
+    phase_ends = [epoch_ends[(k + 1) * epochs - 1] for k in range(len(epoch_ends) // epochs)] if data.continual else []
     rec = None
     if record:
         with warnings.catch_warnings():  # the command says it after the run, from the bundle
@@ -136,19 +194,18 @@ def record_digits(
             rec = Recorder(
                 model, opt, out,
                 tasks=data.tasks, classes=[str(i) for i in range(10)],
-                input={"kind": "image", "shape": [8, 8]},
+                input={"kind": "image", "shape": list(shape)},
                 storage_dtype=storage_dtype, clip_norm=clip_norm, output_layout="batch-first",
                 check_attribution=check_attribution, journal_every=journal_every, approximate=optimizer == "adamw",
                 train_inputs=data.img_train, train_labels=data.y_train, train_tasks=data.task_train,
                 training={"steps": len(batches), "batch_size": batch_size, "epochs": epochs, "setting": setting,
                           "epoch_end_steps": epoch_ends,
                           # continual: the steps [start, end) spent on each task, for marking task boundaries
-                          **({"task_phases": [[0, epoch_ends[epochs - 1]], [epoch_ends[epochs - 1], len(batches)]]} if setting == "continual" else {}),
-                          "dataset": "sklearn digits 8x8", "schedule": "cosine", "clip_norm": clip_norm, "seed": seed},
-                extra={"experiment": {"name": "digits", "setting": setting, "hidden": hidden, "optimizer": optimizer,
-                                      "bias": bias,
-                                      "command": f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"
-                                                 + (f" --optimizer {optimizer}" if optimizer != "sgd" else "")}},
+                          **({"task_phases": [[a, b] for a, b in zip([0] + phase_ends[:-1], phase_ends)]} if data.continual else {}),
+                          "dataset": dataset, "schedule": "cosine", "clip_norm": clip_norm, "seed": seed,
+                          "init_scale": init_scale},
+                extra={"experiment": {"name": name, "setting": setting, "hidden": hidden, "optimizer": optimizer,
+                                      "bias": bias, "init_scale": init_scale, "command": command, **(extra or {})}},
             )
     interrupted = False
     signum = None
@@ -183,6 +240,10 @@ def record_digits(
     try:
         if rec:
             preds = rec.record_test(data.x_test, data.y_test, data.task_test, preview=data.img_test)
+            if train_queries:
+                ids = train_query_ids(data.y_train.numpy(), train_queries, seed)
+                rec.record_test(data.x_train[ids], data.y_train[ids], data.task_train[ids], name="train",
+                                preview=data.img_train[ids], examples=torch.from_numpy(ids))
         else:
             with torch.no_grad():
                 preds = model.eval()(data.x_test).argmax(-1).numpy()
@@ -202,6 +263,21 @@ def record_digits(
     steps = rec.step_count if rec else len(batches)
     qbytes = rec.query_sets["test"].bytes if rec and "test" in rec.query_sets else None
     return DigitsResult(Path(path), steps, acc, interrupted, qbytes, signum)
+
+
+def train_query_ids(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n training example ids, stratified by class and drawn with `seed`: the query set
+    "train" (the paper's 1,000-example training subset)."""
+    rng = np.random.default_rng(seed + 7919)
+    ids = rng.permutation(len(labels))
+    # rank of each example within its class in the shuffled order: taking the lowest ranks
+    # first takes every class in turn, so each gets its share (the rest fill in)
+    within = np.empty(len(ids), dtype=np.int64)
+    for c in np.unique(labels):
+        mine = labels[ids] == c
+        within[mine] = np.arange(int(mine.sum()))
+    order = ids[np.lexsort((labels[ids], within))]
+    return np.sort(order[: min(n, len(labels))])
 
 
 class _null:
