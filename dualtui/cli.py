@@ -297,7 +297,8 @@ class StorageDtype(str, Enum):
 INIT_SCALE_OPT = typer.Option(1.0, "--init-scale", min=0.0, help="Multiply the initial weights (PyTorch's default "
                               "init) by S: how the initial scale shapes what is learned.")
 TRAIN_QUERIES_OPT = typer.Option(0, "--train-queries", min=0, help="Also record N training examples (class-stratified, "
-                                 "drawn with --seed) as the query set 'train': votes, self-scores and rankings over "
+                                 "drawn with --seed; N at least the training set: all of it) as the query set 'train', "
+                                 "with the gradient of each one's training label: votes, self-scores and rankings over "
                                  "training data (`--queries train`).")
 FORCE_OPT = typer.Option(False, "--force", help="Replace an existing bundle at the output (a complete run only).")
 JOURNAL_OPT = typer.Option(1024, "--journal-every", min=1, help="Bring the recovery journal up to date every N steps "

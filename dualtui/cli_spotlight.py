@@ -642,3 +642,83 @@ def _votes_over_runs(paths: list[Path], runs: list[list[dict]], summary: list[di
         Col("peakedness wrong", [pm(r, "peakedness.misclassified", False) for r in summary], numeric=True, drop=2)],
         title=f"{len(paths)} runs, {b.queries(qname).size} items of query set {qname!r} each: mean ± std over runs")
     out.print("std: the sample standard deviation over the runs (ddof 1); per-run figures: --json", style="dim")
+
+
+# ----------------------------------------------------------------------------- self-scores
+class SelfSort(str, Enum):
+    effect = "effect"
+    others = "others"
+    share = "share"
+
+
+@app.command("self-scores")
+@handles_errors
+def self_scores_cmd(
+    bundle: Path = BUNDLE_ARG,
+    queries: str = typer.Option("train", "--queries", "-q", help="A query set drawn from the training data (default: "
+                                "train, as `record digits|mnist --train-queries N` writes it)."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Layer (default: the last, where the self effect is "
+                                        "exactly the part of the logit the example's own patterns wrote)."),
+    by: SelfSort = typer.Option(SelfSort.effect, "--by", help="effect: the self effect, highest first (memorised); others: "
+                                "the other examples' effect, lowest first (the rest of the data argues against the label: "
+                                "mislabelled); share: the self share, highest first."),
+    top: int = typer.Option(20, "--top", "-k", min=1, help="How many items in the table (JSON and CSV have all)."),
+    device: Device = DEVICE_OPT,
+    as_json: bool = JSON_OPT,
+    as_csv: bool = CSV_OPT,
+) -> None:
+    """Training examples that only their own patterns support: memorised or mislabelled ones.
+
+    For each item of a query set drawn from the training data (item = training example e):
+    self effect = Σ over e's own patterns of their effect on the item's target logit (at the
+    last layer: exactly the part of that logit e's own training steps wrote); learned = the
+    effect of every pattern together, Σ_r g_r·((W − w0) q_r + b − b0); others = learned − self
+    effect, what the rest of the training data did to it (mislabelled examples: strongly
+    negative, --by others); self share = self effect ÷ learned.
+    """
+    import numpy as np
+
+    from .engine.selfscore import self_scores
+
+    _check_formats(as_json, as_csv)
+    b = _open(bundle)
+    qname = _queries(b, queries)
+    L = _layer(b, layer)
+    try:
+        s = self_scores(b, L, qname, _device(device))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    key = {SelfSort.effect: s.self_effect, SelfSort.others: -s.others,
+           SelfSort.share: np.nan_to_num(s.self_share, nan=-np.inf)}[by]
+    order = np.argsort(-key, kind="stable")
+    share = s.self_share
+    rows = [{"rank": i + 1, "item": int(m), "example": int(s.example[m]), "label": int(s.label[m]),
+             "target": int(s.target[m]), "prediction": int(s.prediction[m]), "self_effect": float(s.self_effect[m]),
+             "learned": float(s.learned[m]), "others": float(s.others[m]),
+             "self_share": None if np.isnan(share[m]) else float(share[m]),
+             "patterns": int(s.patterns[m])} for i, m in enumerate(order)]
+    if as_json:
+        _emit_json({"queries": qname, "layer": L, "by": by.value, "items": rows})
+        return
+    if as_csv:
+        _write_csv(rows)
+        return
+    classes = b.manifest.classes
+    name = lambda i: classes[i] if 0 <= i < len(classes) else str(i)  # noqa: E731
+    shown = rows[:top]
+    out = _stdout()
+    _print_table(out, [
+        Col("rank", [str(r["rank"]) for r in shown], numeric=True),
+        Col("example", [str(r["example"]) for r in shown], numeric=True),
+        Col("label", [name(r["label"]) for r in shown]),
+        Col("predicted", [name(r["prediction"]) for r in shown]),
+        Col("self effect", [_fmt(r["self_effect"]) for r in shown], numeric=True),
+        Col("others", [_fmt(r["others"]) for r in shown], numeric=True),
+        Col("learned", [_fmt(r["learned"]) for r in shown], numeric=True, drop=1),
+        Col("self share", ["-" if r["self_share"] is None else f"{r['self_share']:.1%}" for r in shown], numeric=True),
+        Col("patterns", [str(r["patterns"]) for r in shown], numeric=True, drop=2)],
+        title=f"{len(rows)} training examples of query set {qname!r} · layer {L} · by "
+              + ("the other examples' effect, lowest first" if by == SelfSort.others else f"self {by.value}, highest first"))
+    out.print("self effect: what the example's own patterns did to its target logit; others: what every other example's "
+              "patterns did (negative: the rest of the data argues against its label); learned: both; self share: self "
+              "effect ÷ learned", style="dim")

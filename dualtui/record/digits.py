@@ -123,8 +123,10 @@ def record_digits(
     bias: bool | None = None,
     init_scale: float = 1.0,
     train_queries: int = 0,
+    labels: np.ndarray | None = None,
 ) -> DigitsResult:
     """Train on digits (recording the dual form unless record=False) and write the bundle.
+    `labels` replaces the training labels (the mislabel benchmark flips some).
 
     `epochs` counts passes over each task's data (so `continual` trains epochs per task).
     `on_epoch(epoch, model, optimizer)` runs after each epoch (e.g. to save checkpoints).
@@ -133,6 +135,7 @@ def record_digits(
         raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
     data = load_digits_split(setting)  # one fixed split: runs of any seed answer for the same test items
     data.continual = setting == "continual"
+    replace_labels(data, labels)
     command = (f"dualtui record digits --setting {setting} --epochs {epochs} --hidden {hidden} --seed {seed}"
                + (f" --optimizer {optimizer}" if optimizer != "sgd" else "")
                + (f" --init-scale {init_scale:g}" if init_scale != 1.0 else "")
@@ -242,8 +245,10 @@ def train_image_classifier(
             preds = rec.record_test(data.x_test, data.y_test, data.task_test, preview=data.img_test)
             if train_queries:
                 ids = train_query_ids(data.y_train.numpy(), train_queries, seed)
+                # target = the training label: the logit each example was trained to raise (self-scores
+                # of a mislabelled example are about its wrong label, which only its own patterns support)
                 rec.record_test(data.x_train[ids], data.y_train[ids], data.task_train[ids], name="train",
-                                preview=data.img_train[ids], examples=torch.from_numpy(ids))
+                                preview=data.img_train[ids], examples=torch.from_numpy(ids), target="label")
         else:
             with torch.no_grad():
                 preds = model.eval()(data.x_test).argmax(-1).numpy()
@@ -263,6 +268,15 @@ def train_image_classifier(
     steps = rec.step_count if rec else len(batches)
     qbytes = rec.query_sets["test"].bytes if rec and "test" in rec.query_sets else None
     return DigitsResult(Path(path), steps, acc, interrupted, qbytes, signum)
+
+
+def replace_labels(data: DigitsData, labels: np.ndarray | None) -> None:
+    if labels is None:
+        return
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != tuple(data.y_train.shape) or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"labels: {len(labels)} classes in 0..9 needed, one per training example ({len(data.y_train)})")
+    data.y_train = torch.from_numpy(labels.copy())
 
 
 def train_query_ids(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .digits import DigitsData, DigitsResult, train_image_classifier
+from .digits import DigitsData, DigitsResult, replace_labels, train_image_classifier
 from .errors import RecorderError
 
 SETTINGS = ("single", "multitask", "continual", "split-multitask", "split-continual")
@@ -161,10 +161,7 @@ def record_mnist(
     and more epochs reach the paper's scale) and write the bundle. `labels` replaces the
     training labels (the mislabel benchmark flips some)."""
     data = mnist_data(setting, per_class)
-    if labels is not None:
-        if len(labels) != len(data.y_train):
-            raise ValueError(f"labels: {len(labels)} given for {len(data.y_train)} training examples")
-        data.y_train = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    replace_labels(data, labels)
     command = (f"dualtui record mnist --setting {setting} --epochs {epochs} --hidden {hidden} --batch-size {batch_size} "
                f"--per-class {per_class} --seed {seed}"
                + (f" --optimizer {optimizer}" if optimizer != "sgd" else "")
