@@ -621,6 +621,7 @@ def open_cmd(
 # The scripted spotlight commands register themselves on `app`.
 from . import cli_spotlight  # noqa: E402,F401
 from . import cli_compare  # noqa: E402,F401
+from . import cli_flow  # noqa: E402,F401
 
 
 def main() -> None:
