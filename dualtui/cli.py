@@ -622,6 +622,7 @@ def open_cmd(
 from . import cli_spotlight  # noqa: E402,F401
 from . import cli_compare  # noqa: E402,F401
 from . import cli_flow  # noqa: E402,F401
+from . import cli_curves  # noqa: E402,F401
 
 
 def main() -> None:
