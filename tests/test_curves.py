@@ -86,3 +86,36 @@ def test_csv_table_and_plot(run: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "attention" in bad.stderr
     bad = runner.invoke(app, ["curves", str(run), "-t", "1", "--plot", str(tmp_path / "missing" / "f.png")])
     assert bad.exit_code == 4 and bad.stderr.count("\n") == 1
+
+
+def test_app_curve_tab_draws_one_curve_per_group(run: Path) -> None:
+    """Tab 6, y: the same per-(task, class) curves in the app (the paper's main figure)."""
+    import asyncio
+
+    from dualtui.bundle import Bundle
+    from dualtui.engine.group_curves import group_curves
+    from dualtui.tui.app import DualtuiApp
+    from dualtui.tui.model import OpenRun
+
+    async def go() -> None:
+        app = DualtuiApp(OpenRun(Bundle.open(run)))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await app.workers.wait_for_complete()
+            await pilot.press("6")
+            await pilot.press("y")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            pane = app.query_one("CurvePane")
+            legend = str(app.query_one("#curve-legend").render())
+            assert app.query_one("#curve-groups").display and not app.query_one("#curve-plot").display
+            assert "colour: class" in legend and "line: task" in legend and "digits 5-9" in legend
+            key = pane._group_key(app.state)
+            want = group_curves(Bundle.open(run), key[2], key[1], by=key[3], top=500)
+            got = pane.groups_cache[key]
+            assert [len(g.scores) for g in got.groups] == [len(g.scores) for g in want.groups]
+            assert all(np.allclose(a.scores, b.scores) for a, b in zip(got.groups, want.groups))
+            await pilot.press("y")
+            await pilot.pause()
+            assert not app.query_one("#curve-groups").display and app.query_one("#curve-plot").display
+
+    asyncio.run(go())

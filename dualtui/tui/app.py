@@ -50,6 +50,7 @@ class DualtuiApp(App[None]):
         Binding("6", "view('curve')", "Curve", show=False, id="view.curve"),
         Binding("7", "view('compare')", "Compare", show=False, id="view.compare"),
         Binding("l", "toggle_log", "Log ranks", show=False, id="curve.log"),
+        Binding("y", "toggle_per_group", "Per class", show=False, id="curve.groups"),
         Binding("c", "pin_other", "Compare", show=False, id="compare.pin"),
         Binding("number_sign", "jump", "Jump", show=False, id="tests.jump"),
         Binding("b", "cycle_by", "Score", id="spot.by"),
@@ -77,6 +78,7 @@ class DualtuiApp(App[None]):
         self.by = BY_ORDER[0]
         self.group = "pattern"
         self.reverse = False
+        self.per_group = False  # the Curve tab: the ranking's curve, or one per (task, class) (the paper's figure)
         self.log_rank = True  # the score curve: a few patterns carry most of it, so ranks read best on a log axis
         self.other = other  # the Compare tab's second item (c pins it)
         self._other_pending: tuple[str, int, str] | None = None
@@ -137,7 +139,7 @@ class DualtuiApp(App[None]):
     def state(self) -> ViewState:
         other = self._cache.get((self.open_run.queries_name, self.other), {}) if self.other is not None else {}
         return ViewState(self.test, self.layer, self.by, self.group, self.reverse, self.results, other=self.other,
-                         other_results=dict(other), log_rank=self.log_rank)
+                         other_results=dict(other), log_rank=self.log_rank, per_group=self.per_group)
 
     def refresh_views(self) -> None:
         state = self.state
@@ -258,6 +260,9 @@ class DualtuiApp(App[None]):
 
     def action_toggle_log(self) -> None:
         self.set_state(log_rank=not self.log_rank)
+
+    def action_toggle_per_group(self) -> None:
+        self.set_state(per_group=not self.per_group)
 
     def action_toggle_reverse(self) -> None:
         self.set_state(reverse=not self.reverse)

@@ -20,7 +20,9 @@ KEYS = [
                                          "changes, the selection stays on the same pattern if it is still listed, else goes to #1")]),
     ("Tests", [("enter", "spotlight the highlighted test item"), ("#", "jump box: type an index, enter; escape leaves it")]),
     ("Curve", [("l", "rank axis log / linear (the curve: the current ranking's score against its rank, over every "
-                     "pattern or example, highest first)")]),
+                     "pattern or example, highest first)"),
+               ("y", "one curve per (task, class): the sorted top-500 scores of each group's patterns, the paper's main "
+                     "figure (`dualtui curves`)")]),
     ("Compare", [("c", "pin the item being spotlit (on the Tests tab: the highlighted one) as the second item B; then "
                        "spotlight another item A: tab 7 shows both at the current layer and score")]),
     ("Export", [("x", "ranking as CSV (same columns as `dualtui rank --csv`)"),

@@ -205,6 +205,13 @@ class OpenRun:
                           summary=True, masses=True, dense_examples=True, cancel=cancel, queries=self.queries_name,
                           curve=DEFAULT_POINTS)[0]
 
+    def group_curves(self, test: int, layer: str, by: str):
+        """The sorted top-500 scores per (task, class) of one item at one layer (`dualtui curves`)."""
+        from ..engine.group_curves import group_curves
+
+        return group_curves(self.bundle, layer, test, by=by if by in ("attention", "magnitude", "effect") else "attention",
+                            top=500, queries=self.queries_name)
+
     def across_layers(self, test: int, row: Ranked, group: str, results: dict[str, Spotlight]) -> list[LayerScore]:
         """The selected pattern's (or example's) scores at every computed layer."""
         out = []

@@ -22,6 +22,7 @@ class ViewState:
     other: int | None = None
     other_results: Mapping[str, Spotlight] = field(default_factory=dict)
     log_rank: bool = False  # the score curve's rank axis on a log scale
+    per_group: bool = False  # the Curve tab: one sorted top-500 curve per (task, class) instead of the ranking's
 
     @property
     def spot(self) -> Spotlight | None:
