@@ -134,3 +134,33 @@ def test_flow_matches_brute_force(runs) -> None:
         lo, hi = set(top(e0, c0 > 0, 6)), top(e2, c2 > 0, 6)
         shares.append(len([e for e in hi if e not in lo]) / 6)
     assert first["items"] == 360 and first["mean_new_share"] == pytest.approx(np.mean(shares))
+
+
+def test_app_layers_tab_shows_the_flow(runs) -> None:
+    """Tab 4: the same enter / leave lists as `dualtui flow --test` (by the app's current score)."""
+    import asyncio
+
+    from dualtui.bundle import Bundle
+    from dualtui.tui.app import DualtuiApp
+    from dualtui.tui.model import OpenRun
+    from dualtui.tui.panes.layers import LayersPane
+
+    want = cli("flow", runs["multitask"], "--test", 0, "--top", 10)
+
+    async def go() -> None:
+        app = DualtuiApp(OpenRun(Bundle.open(runs["multitask"])))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await app.workers.wait_for_complete()
+            await pilot.press("4")
+            for _ in range(3):  # every layer's spotlight (the app computes the others after the first)
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+            assert app.state.by == "effect" and app.state.test == 0
+            text = "\n".join(str(getattr(r, "plain", r)) for r in app.query_one(LayersPane).build(app.state).renderables)
+            for step in want["steps"]:
+                line = next(ln for ln in text.splitlines() if ln.startswith(f"{step['below']} → {step['above']}"))
+                assert f"{len(step['kept'])} stay" in line
+                assert f"enter {' '.join(map(str, step['entered'])) or '-'}" in line
+                assert f"leave {' '.join(map(str, step['left'])) or '-'}" in line
+
+    asyncio.run(go())

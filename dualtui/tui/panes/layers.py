@@ -40,6 +40,7 @@ class LayersPane(RenderedPane):
             else:
                 parts.append(Text(f"effective patterns {s.effective_patterns:,.1f} of {s.patterns:,} · "
                                   f"primal−dual error {s.primal_dual_error:.1e}", style="dim"))
+        parts.extend(self._flow(state))
         # The legend once, not under every layer.
         if self.run.bundle.manifest.approximate:
             parts.append(Text("\nAPPROXIMATE: W_T q = w0 q + Σ α v + R q, where R = W_T − w0 − Σ v kᵀ is what the recorded "
@@ -49,3 +50,30 @@ class LayersPane(RenderedPane):
                           "how many patterns the attention is spread over · top-k share = share of Σ|α| in the k largest |α| · "
                           "primal−dual error: max |W_T q − (w0 q + Σ α v)|", style="italic dim"))
         return Group(*parts)
+
+    FLOW_TOP = 10
+
+    def _flow(self, state: ViewState) -> list[Text]:
+        """Layer flow (`dualtui flow --test`): which training examples enter and leave the item's
+        top 10 (by the current score, per example) from each layer to the next."""
+        key = (state.by, "example", False)
+        layers = self.run.layers
+        tops = {L: [r.example for r in state.results[L].ranked.get(key, [])][: self.FLOW_TOP]
+                for L in layers if L in state.results and key in state.results[L].ranked}
+        if len(layers) < 2 or len(tops) < 2:
+            return []
+        out = [Text(f"\nlayer flow: the top {self.FLOW_TOP} training examples by {state.by}, layer to layer", style="bold")]
+        for lo, hi in zip(layers, layers[1:]):
+            if lo not in tops or hi not in tops:
+                continue
+            below = set(tops[lo])
+            entered = [e for e in tops[hi] if e not in below]
+            left = [e for e in tops[lo] if e not in set(tops[hi])]
+            line = Text(f"{lo} → {hi}: ", style="cyan")
+            line.append(f"{len(tops[hi]) - len(entered)} stay", style="bold")
+            line.append(f" · {len(entered)} enter ")
+            line.append(" ".join(map(str, entered)) or "-", style="green")
+            line.append(f" · {len(left)} leave ")
+            line.append(" ".join(map(str, left)) or "-", style="red")
+            out.append(line)
+        return out
