@@ -592,6 +592,8 @@ def open_cmd(
     queries: Optional[str] = typer.Option(None, "--queries", "-q", help="Query set to start on (default: test)."),
     compare: Optional[int] = typer.Option(None, "--compare", "-c", help="A second item for the Compare tab (7); "
                                                                          "in the app, c pins one."),
+    against: Optional[Path] = typer.Option(None, "--against", help="A second run on the same data (e.g. another "
+                                           "--init-scale, or continual vs multitask): tab 8 compares the two."),
     export_dir: Optional[Path] = typer.Option(None, "--export-dir", envvar="DUALTUI_EXPORT_DIR",
                                               help="Folder for the app's exports (x: CSV, X: JSON, s: SVG); default: "
                                                    "the current folder. Existing files are never overwritten."),
@@ -614,10 +616,20 @@ def open_cmd(
     qname = _queries(b, queries)
     layer, test = _layer(b, layer), _test(b, test, qname)  # the same checks and messages as `rank`
     other = _test(b, compare, qname) if compare is not None else None
+    second = None
+    if against is not None:
+        from .engine.compare_runs import RunsDiffer, check_same_data
+
+        second = _open(against)
+        _queries(second, qname)
+        try:
+            check_same_data(b, second, qname)
+        except RunsDiffer as e:
+            raise UsageError(f"--against {against}: {e}") from None
     from .tui.app import DualtuiApp
     from .tui.model import OpenRun
 
-    tui = DualtuiApp(OpenRun(b, qname), test=test, layer=layer, export_dir=folder, other=other)
+    tui = DualtuiApp(OpenRun(b, qname), test=test, layer=layer, export_dir=folder, other=other, against=second)
     tui.run()
     if tui.return_code:  # Textual has shown what went wrong; the shell must not see success
         raise typer.Exit(int(ExitCode.CHECK_FAILED) if tui.return_code == 1 else tui.return_code)

@@ -5,6 +5,7 @@ per class, and which examples enter and leave the top-k from layer to layer."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -164,3 +165,39 @@ def test_app_layers_tab_shows_the_flow(runs) -> None:
                 assert f"leave {' '.join(map(str, step['left'])) or '-'}" in line
 
     asyncio.run(go())
+
+
+def test_app_runs_tab_compares_two_runs(runs) -> None:
+    """open RUN_A --against RUN_B: tab 8 shows `compare RUN_A RUN_B --test M` for the item spotlit."""
+    import asyncio
+
+    from dualtui.bundle import Bundle
+    from dualtui.tui.app import DualtuiApp
+    from dualtui.tui.model import OpenRun
+    from dualtui.tui.panes.runs import RunsPane
+
+    want = cli("compare", runs["multitask"], runs["continual"], "--test", 3)["layers"]
+
+    async def go() -> None:
+        app = DualtuiApp(OpenRun(Bundle.open(runs["multitask"])), test=3, against=Bundle.open(runs["continual"]))
+        async with app.run_test(size=(140, 40)) as pilot:
+            await app.workers.wait_for_complete()
+            await pilot.press("8")
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            pane = app.query_one(RunsPane)
+            rows = pane.cache[(pane.run.queries_name, 3, "effect")]
+            for got, w in zip(rows, want):
+                assert got.layer == w["layer"]
+                assert got.jaccard == pytest.approx(w["jaccard"]) and got.spearman == pytest.approx(w["spearman"])
+                assert got.a.learned_share == pytest.approx(w["a"]["learned_share"])
+            from rich.console import Console
+
+            console = Console(record=True, width=140, file=io.StringIO())
+            console.print(pane.build(app.state))
+            shown = console.export_text()
+            assert "Jaccard" in shown and f"{want[-1]['jaccard']:.3f}" in shown
+
+    asyncio.run(go())
+    r = runner.invoke(app, ["open", str(runs["small"]), "--against", str(runs["multitask"])])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--against" in r.stderr

@@ -25,12 +25,13 @@ from .panes.curve import CurvePane
 from .panes.layers import LayersPane
 from .panes.overview import OverviewPane
 from .panes.spotlight import SpotlightPane
+from .panes.runs import RunsPane
 from .panes.tasks import TasksPane
 from .panes.tests import TestsPane
 from .state import ViewState
 
 BY_ORDER = ("effect", "cosine", "attention", "magnitude")  # what `b` cycles through, from the default
-VIEWS = ("overview", "tests", "spotlight", "layers", "tasks", "curve", "compare")
+VIEWS = ("overview", "tests", "spotlight", "layers", "tasks", "curve", "compare", "runs")
 # Test items whose spotlights stay cached, so going back is instant.
 CACHE_TESTS = 16
 
@@ -49,6 +50,7 @@ class DualtuiApp(App[None]):
         Binding("5", "view('tasks')", "Tasks", show=False, id="view.tasks"),
         Binding("6", "view('curve')", "Curve", show=False, id="view.curve"),
         Binding("7", "view('compare')", "Compare", show=False, id="view.compare"),
+        Binding("8", "view('runs')", "Runs", show=False, id="view.runs"),
         Binding("l", "toggle_log", "Log ranks", show=False, id="curve.log"),
         Binding("y", "toggle_per_group", "Per class", show=False, id="curve.groups"),
         Binding("c", "pin_other", "Compare", show=False, id="compare.pin"),
@@ -68,8 +70,9 @@ class DualtuiApp(App[None]):
     ]
 
     def __init__(self, run: OpenRun, *, test: int = 0, layer: str | None = None, view: str = "spotlight",
-                 export_dir: Path | None = None, other: int | None = None):
+                 export_dir: Path | None = None, other: int | None = None, against=None):
         super().__init__()
+        self.against = against  # a second run on the same data: tab 8 compares the two
         self.open_run = run  # not `self.run`: that would shadow App.run()
         self.test = test
         self.layer = layer or run.layers[-1]
@@ -113,6 +116,9 @@ class DualtuiApp(App[None]):
                 yield CurvePane(self.open_run, id="curve-pane")
             with TabPane("7 Compare", id="compare"):
                 yield ComparePane(self.open_run, id="compare-pane")
+            if self.against is not None:
+                with TabPane("8 Runs", id="runs"):
+                    yield RunsPane(self.open_run, self.against, id="runs-pane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -147,6 +153,8 @@ class DualtuiApp(App[None]):
             self.compute_other()  # (its spotlight may have left the cache)
         for pane in (SpotlightPane, LayersPane, TasksPane, CurvePane, ComparePane):
             self.query_one(pane).update_view(state)
+        if self.against is not None:
+            self.query_one(RunsPane).update_view(state)
         table = self.query_one("#spot-table")
         if self.focus_ranking_pending and not table.loading:  # its rows have arrived: arrows work now
             self.focus_ranking_pending = False
@@ -232,6 +240,9 @@ class DualtuiApp(App[None]):
 
     # ------------------------------------------------------------------ actions
     def action_view(self, view: str) -> None:
+        if view == "runs" and self.against is None:
+            self.notify("no second run: open with --against RUN_B (same data) to compare two runs", severity="warning")
+            return
         self.query_one("#views", TabbedContent).active = view
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:

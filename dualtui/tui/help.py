@@ -10,7 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 KEYS = [
-    ("Views", [("1 … 7", "overview · tests · spotlight · layers · tasks & time · curve · compare"),
+    ("Views", [("1 … 8", "overview · tests · spotlight · layers · tasks & time · curve · compare · runs (8: with --against RUN_B)"),
                ("tab / shift+tab", "move focus")]),
     ("Spotlight", [("b", "score: effect → cosine → attention → magnitude"), ("g", "group per pattern / per training example / per training token (text runs)"),
                    ("r", "highest first / lowest (most negative) first"), ("[  ]", "previous / next layer"),
